@@ -1,0 +1,63 @@
+"""Typed errors of the runtime package.
+
+Each error says what was wrong and what is accepted; the HTTP layer maps the classes to status
+codes in one place (``appliance.http_errors``), so nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class RuntimeFailure(Exception):
+    """Base of every error raised by ``runtime``."""
+
+
+class InvalidRequest(RuntimeFailure):
+    """The request is malformed or does not fit the model (maps to 400)."""
+
+
+class CodecError(InvalidRequest):
+    """A v2 request body (JSON or binary) could not be decoded."""
+
+
+class UnsupportedDatatype(InvalidRequest):
+    """A datatype the v2 protocol or the model does not support."""
+
+
+class InputMismatch(InvalidRequest):
+    """Inputs do not match the model signature (name, datatype, rank or fixed dim)."""
+
+
+class ShapeMismatch(InputMismatch):
+    """A tensor's shape breaks the model's signature or its own data length."""
+
+
+class ModelNotFound(RuntimeFailure):
+    """No such model or version is loaded (maps to 404)."""
+
+
+class VersionConflict(RuntimeFailure):
+    """The bytes asked for (digest) differ from the bytes held (maps to 409)."""
+
+
+class ModelNotReady(RuntimeFailure):
+    """The model exists but is not loaded or warmed yet (maps to 503)."""
+
+
+class Overloaded(RuntimeFailure):
+    """A queue is full; the caller should retry later (maps to 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(RuntimeFailure):
+    """The request's timeout passed before it could run (maps to 504)."""
+
+
+class DeviceUnavailable(RuntimeFailure):
+    """The device asked for (e.g. CUDA) was not obtained by onnxruntime."""
+
+
+class ModelLoadError(RuntimeFailure):
+    """A model package could not be read, checked, loaded or warmed."""
