@@ -1,0 +1,1 @@
+"""Exporting models to ONNX, cutting them into segments and writing model packages."""
