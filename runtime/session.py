@@ -1,0 +1,140 @@
+"""onnxruntime sessions: provider choice (asked for versus obtained), threads, optimisation level.
+
+onnxruntime-gpu lists CUDA in ``get_available_providers()`` even where its CUDA libraries are
+missing, and a session asked for CUDA then silently runs on CPU. So ``auto`` means "CUDA if the
+session really got it" (read back with ``get_providers()``) and ``cuda`` not obtained is an error.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.errors import DeviceUnavailable, ModelLoadError
+from runtime.signature import Signature, spec_from_node_arg
+
+log = logging.getLogger(__name__)
+
+Device = Literal["auto", "cuda", "cpu"]
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+# Distributions that each ship their own ``onnxruntime`` module; two of them in one environment
+# overwrite each other's files, and uninstalling either breaks ``import onnxruntime``.
+_ORT_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-directml",
+    "onnxruntime-openvino",
+    "onnxruntime-silicon",
+)
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    device: Device = "auto"
+    intra_op_threads: int = 0  # 0 = onnxruntime's default (one per physical core)
+    inter_op_threads: int = 1
+    graph_optimization: GraphOptimization = "all"
+    # Spinning pools burn the cores between runs and starve the event loop and sibling
+    # sessions (measured 2-6.6x slower chained runs on 2 cores): off unless asked.
+    allow_spinning: bool = False
+    cuda_device_id: int = 0
+
+
+def conflicting_onnxruntime_installs() -> list[str]:
+    """Names of the onnxruntime distributions installed side by side (empty when fine)."""
+    found = []
+    for dist in _ORT_DISTRIBUTIONS:
+        try:
+            found.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found if len(found) > 1 else []
+
+
+def session_options(settings: SessionSettings) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
+    spin = "1" if settings.allow_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    options.log_severity_level = 3  # errors only: warnings about unused initializers are noise
+    return options
+
+
+def _providers_to_ask(settings: SessionSettings) -> list[Any]:
+    available = ort.get_available_providers()
+    if settings.device == "cpu":
+        return [CPU]
+    if settings.device == "cuda" and CUDA not in available:
+        raise DeviceUnavailable(
+            f"device = cuda, but this onnxruntime ({ort.__version__}) offers only "
+            f"{', '.join(available)}; install the gpu extra (onnxruntime-gpu) or set device = "
+            "auto or cpu"
+        )
+    if CUDA in available:
+        return [(CUDA, {"device_id": settings.cuda_device_id}), CPU]
+    return [CPU]
+
+
+@dataclass
+class ModelSession:
+    """One onnxruntime session with what was asked, what was obtained, and its signature."""
+
+    session: ort.InferenceSession
+    requested: list[str]
+    obtained: list[str]
+    signature: Signature
+    source: str
+
+    @property
+    def device(self) -> str:
+        return "cuda" if CUDA in self.obtained else "cpu"
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[Any]:
+        return self.session.run(outputs, feeds)
+
+
+def create_session(model: Path | bytes, settings: SessionSettings) -> ModelSession:
+    """Build a session; ``device = cuda`` that is not really obtained raises DeviceUnavailable."""
+    providers = _providers_to_ask(settings)
+    requested = [p[0] if isinstance(p, tuple) else p for p in providers]
+    source = str(model) if isinstance(model, Path) else f"<{len(model)} bytes>"
+    try:
+        model_arg = str(model) if isinstance(model, Path) else model
+        session = ort.InferenceSession(model_arg, session_options(settings), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped exceptions
+        raise ModelLoadError(f"onnxruntime cannot load {source}: {exc}") from exc
+    obtained = session.get_providers()
+    if settings.device == "cuda" and CUDA not in obtained:
+        raise DeviceUnavailable(
+            f"device = cuda: asked onnxruntime for {requested} but the session got {obtained} "
+            "(CUDA libraries missing or incompatible?); set device = auto to fall back to CPU"
+        )
+    if CUDA in requested and CUDA not in obtained:
+        log.warning("asked for %s, obtained %s for %s: running on CPU", requested, obtained, source)
+    else:
+        log.info("session for %s: providers asked %s, obtained %s", source, requested, obtained)
+    signature = Signature(
+        inputs=tuple(spec_from_node_arg(a) for a in session.get_inputs()),
+        outputs=tuple(spec_from_node_arg(a) for a in session.get_outputs()),
+    )
+    return ModelSession(session, requested, obtained, signature, source)
