@@ -1,0 +1,176 @@
+"""One frozen config object per process, built in ``main`` from TOML then CLI flags.
+
+Every field is a TOML key of the same name and a CLI flag ``--the-name`` (as uvicorn mirrors its
+Config in its options), so the settings reference can be generated from this class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from appliance.errors import ConfigError
+from runtime.batcher import BatchSettings
+from runtime.registry import WarmupSettings
+from runtime.session import SessionSettings
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=9100, metadata={"help": "port to bind; 0 picks a free one"})
+    model_repo: str = field(default="", metadata={"help": "model repository folder"})
+    models: list[str] = field(
+        default_factory=list, metadata={"help": "models to load at start (empty: all)"}
+    )
+    device: Literal["auto", "cuda", "cpu"] = field(
+        default="auto", metadata={"help": "auto = CUDA if a session really gets it, else CPU"}
+    )
+    intra_op_threads: int = field(default=0, metadata={"help": "0 = onnxruntime's default"})
+    inter_op_threads: int = field(default=1, metadata={"help": "threads across graph nodes"})
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = field(
+        default="all", metadata={"help": "onnxruntime graph optimisation level"}
+    )
+    allow_spinning: bool = field(
+        default=False, metadata={"help": "let onnxruntime threads spin between runs"}
+    )
+    max_batch_size: int = field(default=32, metadata={"help": "rows per run; 1 = no batching"})
+    max_queue_delay_us: int = field(
+        default=1000, metadata={"help": "longest wait of the oldest request for a fuller batch"}
+    )
+    max_queue_size: int = field(
+        default=512, metadata={"help": "queued requests per model before 503"}
+    )
+    max_body_bytes: int = field(
+        default=64 * 1024 * 1024, metadata={"help": "request body limit, also after decompression"}
+    )
+    warmup: bool = field(default=True, metadata={"help": "run each model before it is ready"})
+    warmup_dynamic_dim: int = field(
+        default=16, metadata={"help": "size given to variable non-batch dims at warm-up"}
+    )
+    drain_timeout_s: float = field(
+        default=30.0, metadata={"help": "how long queued requests may finish at unload or stop"}
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = field(
+        default="info", metadata={"help": "logging level"}
+    )
+    log_format: Literal["text", "json"] = field(default="text", metadata={"help": "log format"})
+
+    def session_settings(self) -> SessionSettings:
+        return SessionSettings(
+            device=self.device,
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+            graph_optimization=self.graph_optimization,
+            allow_spinning=self.allow_spinning,
+        )
+
+    def batch_settings(self) -> BatchSettings:
+        return BatchSettings(self.max_batch_size, self.max_queue_delay_us, self.max_queue_size)
+
+    def warmup_settings(self) -> WarmupSettings:
+        return WarmupSettings(self.warmup, self.warmup_dynamic_dim)
+
+    def check(self) -> None:
+        positive = ("max_batch_size", "max_queue_size", "max_body_bytes", "warmup_dynamic_dim")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls: type[Any], defaults: dict[str, Any]
+) -> None:
+    """One flag per config field; unset flags stay absent so TOML values are not overridden."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        help_text = f.metadata.get("help", "")
+        default = defaults.get(f.name, _default_of(f))
+        help_text = f"{help_text} (default: {default!r})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if hint is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+        elif get_origin(hint) is list:
+            parser.add_argument(_flag(f.name), nargs="*", metavar="NAME", **kwargs)
+        elif get_origin(hint) is Literal:
+            parser.add_argument(_flag(f.name), choices=list(get_args(hint)), **kwargs)
+        else:
+            parser.add_argument(_flag(f.name), type=hint, **kwargs)
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _coerce(cls: type[Any], key: str, value: Any, where: str) -> Any:
+    hint = typing.get_type_hints(cls)[key]
+    origin = get_origin(hint)
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(
+                f"{where}: {key} = {value!r} is not accepted; choose one of {list(get_args(hint))}"
+            )
+        return value
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {key} must be a list of strings, got {value!r}")
+        return list(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(hint, type):
+        # bool is an int subclass: refuse true/false where a number is expected
+        wrong = not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))
+        if wrong:
+            raise ConfigError(
+                f"{where}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}"
+            )
+    return value
+
+
+def load_config(
+    cls: type[Any],
+    path: Path | None,
+    overrides: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+) -> Any:
+    """defaults < TOML file < CLI flags; unknown keys and wrong types are ConfigErrors."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = dict(defaults or {})
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}"
+            )
+        values.update({k: _coerce(cls, k, v, str(path)) for k, v in raw.items()})
+    values.update(
+        {k: _coerce(cls, k, v, "command line") for k, v in overrides.items() if k in known}
+    )
+    config = cls(**values)
+    config.check()
+    return config

@@ -1,0 +1,96 @@
+"""Prometheus metrics of one process, in a registry of its own (tests run several apps)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from runtime.registry import LoadedModel
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+)
+
+
+class _ModelCollector(Collector):
+    """Read at scrape time from the runtime's counters: nothing extra on the hot path."""
+
+    def __init__(self, models: Callable[[], list[LoadedModel]]) -> None:
+        self._models = models
+        self._process = psutil.Process()
+
+    def collect(self) -> Iterable[Metric]:
+        rows = CounterMetricFamily(
+            "appliance_model_inferences",
+            "rows inferred (batch rows count one each)",
+            labels=["model", "version"],
+        )
+        runs = CounterMetricFamily(
+            "appliance_model_executions",
+            "session runs (one per batch)",
+            labels=["model", "version"],
+        )
+        queue = GaugeMetricFamily("appliance_queue_depth", "requests waiting", labels=["model"])
+        queue_s = CounterMetricFamily(
+            "appliance_queue_seconds", "time requests spent queued", labels=["model"]
+        )
+        compute_s = CounterMetricFamily(
+            "appliance_compute_seconds", "time requests spent in a run", labels=["model"]
+        )
+        for model in self._models():
+            stats = model.stats
+            rows.add_metric([model.name, model.version], stats.inference_count)
+            runs.add_metric([model.name, model.version], stats.execution_count)
+            queue.add_metric([model.name], model.batcher.queue_depth)
+            queue_s.add_metric([model.name], stats.queue.ns / 1e9)
+            compute_s.add_metric([model.name], stats.compute_infer.ns / 1e9)
+        yield from (rows, runs, queue, queue_s, compute_s)
+        memory = GaugeMetricFamily("appliance_process_resident_bytes", "resident memory (RSS)")
+        memory.add_metric([], self._process.memory_info().rss)
+        yield memory
+
+
+class Metrics:
+    def __init__(self, models: Callable[[], list[LoadedModel]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "appliance_requests",
+            "inference requests by model and status",
+            ["model", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "appliance_request_seconds",
+            "inference latency, end to end within this process",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_rows = Histogram(
+            "appliance_request_rows",
+            "rows per inference request",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.registry.register(_ModelCollector(models))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
