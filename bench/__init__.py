@@ -1,0 +1,1 @@
+"""Benchmarks: they print figures (a table and JSON), never assert on time."""

@@ -1,0 +1,115 @@
+"""The ``appliance`` command as a real subprocess: node on a repo, serve on the demo model."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.codec import decode_response, encode_request
+from tests.models import dense_model, put_model
+
+HEADER = "Inference-Header-Content-Length"
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = re.search(r"http://\S+", line)
+    if not match:
+        process.kill()
+        raise AssertionError(f"no listening line: {line!r} {process.stderr.read()!r}")  # type: ignore[union-attr]
+    return process, match.group(0)
+
+
+def wait_ready(url: str, timeout_s: float = 120) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(url + "/v2/health/ready", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready in {timeout_s}s")
+
+
+def infer(url: str, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    body, length = encode_request(inputs)
+    request = urllib.request.Request(
+        f"{url}/v2/models/{model}/infer", data=body, headers={HEADER: str(length)}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return decode_response(response.read(), int(response.headers[HEADER])).outputs
+
+
+def stop(process: subprocess.Popen) -> int:
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=30)
+
+
+def test_node_serves_a_repository_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    put_model(tmp_path, "dense", dense_model())
+    process, url = start(
+        ["node", "--model-repo", str(tmp_path), "--port", "0", "--intra-op-threads", "1"]
+    )
+    try:
+        wait_ready(url)
+        outputs = infer(url, "dense", {"x": np.ones((2, 4), np.float32)})
+        assert outputs["y"].shape == (2, 3)
+    finally:
+        assert stop(process) == 0
+
+
+@pytest.mark.slow
+def test_serve_builds_and_serves_the_demo_model(tmp_path: Path) -> None:
+    process, url = start(["serve", "--port", "0"], env={"XDG_CACHE_HOME": str(tmp_path)})
+    try:
+        wait_ready(url)
+        assert (tmp_path / "onnx-appliance" / "models" / "demo" / "1" / "manifest.json").is_file()
+        ids = np.arange(16, dtype=np.int64).reshape(1, 16)
+        hidden = infer(url, "demo", {"input_ids": ids})["last_hidden_state"]
+        assert hidden.shape == (1, 16, 384) and np.isfinite(hidden).all()
+    finally:
+        assert stop(process) == 0
+
+
+def test_bad_config_exits_2_with_the_reason(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text("max_batch_sise = 4\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance.cli",
+            "node",
+            "--config",
+            str(config),
+            "--model-repo",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "unknown key(s) max_batch_sise" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "node"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and "--model-repo" in result.stderr
