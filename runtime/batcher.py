@@ -32,7 +32,7 @@ BatchKey = tuple[tuple[str, str, tuple[int, ...]], ...]
 @dataclass(frozen=True)
 class BatchSettings:
     max_batch_size: int = 32  # rows per run; 1 turns batching off
-    max_queue_delay_us: int = 1000  # how long the oldest request may wait for company
+    max_queue_delay_us: int = 2000  # how long the oldest request may wait for company
     max_queue_size: int = 512  # requests waiting; beyond it callers get Overloaded
 
 
@@ -123,6 +123,10 @@ class DynamicBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
         self._busy = False  # a run is in flight
+        # Requests submitted and not yet answered, and the most seen at once: a client that
+        # sends one request at a time should not wait for company that cannot come.
+        self._outstanding = 0
+        self._peak = 0
 
     @property
     def queue_depth(self) -> int:
@@ -181,7 +185,12 @@ class DynamicBatcher:
         self._queue.append(_Pending(inputs, outputs, rows, key, future, deadline))
         assert self._wakeup is not None
         self._wakeup.set()
-        return await future  # a cancelled caller cancels the future: the worker skips it
+        self._outstanding += 1
+        self._peak = max(self._peak, self._outstanding)
+        try:
+            return await future  # a cancelled caller cancels the future: the worker skips it
+        finally:
+            self._outstanding -= 1
 
     async def _work(self) -> None:
         assert self._wakeup is not None
@@ -215,12 +224,19 @@ class DynamicBatcher:
                 self._settle(item, result, compute_ns, done)
 
     async def _wait_for_company(self) -> None:
-        """Let the oldest request wait up to max_queue_delay for a full batch."""
+        """Let the oldest request wait up to max_queue_delay for the company it can expect.
+
+        The rows expected are the most requests seen outstanding at once since the last batch
+        (capped at max_batch_size): one sequential client never waits, eight concurrent ones
+        run together as soon as all eight have arrived instead of waiting out the delay.
+        """
         assert self._wakeup is not None
         delay_ns = self.settings.max_queue_delay_us * 1000
+        expected = min(self.settings.max_batch_size, max(1, self._peak))
+        self._peak = self._outstanding
         while True:
             head = self._queue[0]
-            if self._queued_rows_like(head) >= self.settings.max_batch_size:
+            if self._queued_rows_like(head) >= expected:
                 return
             remaining = (head.enqueued_ns + delay_ns - time.perf_counter_ns()) / 1e9
             deadlines = [i.deadline for i in self._queue if i.deadline is not None]
