@@ -41,13 +41,20 @@ class NodeConfig:
     )
     max_batch_size: int = field(default=32, metadata={"help": "rows per run; 1 = no batching"})
     max_queue_delay_us: int = field(
-        default=1000, metadata={"help": "longest wait of the oldest request for a fuller batch"}
+        default=2000, metadata={"help": "longest wait of the oldest request for a fuller batch"}
     )
     max_queue_size: int = field(
         default=512, metadata={"help": "queued requests per model before 503"}
     )
     max_body_bytes: int = field(
         default=64 * 1024 * 1024, metadata={"help": "request body limit, also after decompression"}
+    )
+    compress_responses: Literal["auto", "always", "never"] = field(
+        default="auto",
+        metadata={
+            "help": "gzip/deflate answers for clients that accept it: auto = JSON answers of "
+            "4 KiB or more (binary tensors barely compress)"
+        },
     )
     warmup: bool = field(default=True, metadata={"help": "run each model before it is ready"})
     warmup_dynamic_dim: int = field(

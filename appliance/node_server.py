@@ -163,11 +163,25 @@ async def _infer(
     else:
         response = web.Response(body=payload, content_type="application/octet-stream")
         response.headers[HEADER_LENGTH] = str(response_header_length)
-    if "gzip" in request.headers.get("Accept-Encoding", "") or "deflate" in request.headers.get(
-        "Accept-Encoding", ""
-    ):
+    if _should_compress(app[CONFIG].compress_responses, request, response_header_length, payload):
         response.enable_compression()
     return response
+
+
+# JSON of numbers shrinks 2-4x under gzip; raw float tensors barely shrink and cost a core to
+# compress, and many clients (aiohttp, httpx, requests) send Accept-Encoding by default.
+_COMPRESS_MIN_BYTES = 4096
+
+
+def _should_compress(
+    policy: str, request: web.Request, header_length: int | None, payload: bytes
+) -> bool:
+    accepted = request.headers.get("Accept-Encoding", "")
+    if policy == "never" or ("gzip" not in accepted and "deflate" not in accepted):
+        return False
+    if policy == "always":
+        return True
+    return header_length is None and len(payload) >= _COMPRESS_MIN_BYTES
 
 
 # --- repository ----------------------------------------------------------------------------

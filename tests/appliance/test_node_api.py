@@ -126,10 +126,26 @@ async def test_compressed_request_bodies_are_accepted(node: RunningNode, encodin
     np.testing.assert_array_equal(result.outputs["y"], direct.outputs["y"])
 
 
-async def test_compressed_answer_when_asked(node: RunningNode) -> None:
-    body, length = encode_request({"x": np.ones((1, 4), np.float32)}, ["y"])
-    async with await post_infer(node, "dense", body, length, **{"Accept-Encoding": "gzip"}) as r:
+async def test_large_json_answers_are_compressed_when_asked_binary_ones_not(
+    node: RunningNode,
+) -> None:
+    gzip_ok = {"Accept-Encoding": "gzip"}
+    ids = np.ones((1, 100), np.int64)  # an answer of 800 floats: several KB of JSON
+    body, length = encode_request({"ids": ids}, binary_inputs=False, binary_outputs=False)
+    async with await post_infer(node, "seq", body, length, **gzip_ok) as r:
         assert r.status == 200 and r.headers.get("Content-Encoding") == "gzip"
+        assert decode_response(await r.read(), _header(r)).outputs["hidden"].shape == (1, 100, 8)
+    body, length = encode_request({"ids": ids})  # binary answer: raw floats, not compressed
+    async with await post_infer(node, "seq", body, length, **gzip_ok) as r:
+        assert r.status == 200 and "Content-Encoding" not in r.headers
+        assert decode_response(await r.read(), _header(r)).outputs["hidden"].shape == (1, 100, 8)
+
+
+async def test_compress_responses_always(start_node: StartNode, repo: Path) -> None:
+    node = await start_node(repo, compress_responses="always")
+    body, length = encode_request({"x": np.ones((1, 4), np.float32)}, ["y"])
+    async with await post_infer(node, "dense", body, length, **{"Accept-Encoding": "deflate"}) as r:
+        assert r.status == 200 and r.headers.get("Content-Encoding") == "deflate"
         assert decode_response(await r.read(), _header(r)).outputs["y"].shape == (1, 3)
 
 
