@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.loadgen import run_load
+from bench.loadgen import run_load, run_wrk
 from runtime.codec import encode_request
 from runtime.datatypes import numpy_dtype
 from runtime.package import load_span, open_package
@@ -137,18 +138,39 @@ async def measure_node(
     headers: dict[str, str],
     sweep: list[int],
     seconds: float,
-) -> list[dict]:
+    client: str,
+) -> list[dict[str, Any]]:
+    import aiohttp
+
     node = NodeProcess(repo, model, node_flags)
     try:
         await node.wait_ready()
         url = f"{node.url}/v2/models/{model}/infer"
         rows = []
-        for concurrency in sweep:
-            result = await run_load(url, body, headers, concurrency, seconds)
-            rows.append(result.as_dict())
+        async with aiohttp.ClientSession() as session:
+            for concurrency in sweep:
+                before = await _stats(session, node.url, model)
+                if client == "wrk":
+                    result = await asyncio.to_thread(
+                        run_wrk, url, body, headers, concurrency, seconds
+                    )
+                else:
+                    result = await run_load(url, body, headers, concurrency, seconds)
+                after = await _stats(session, node.url, model)
+                row: dict[str, Any] = result.as_dict()
+                runs = after["execution_count"] - before["execution_count"]
+                inferred = after["inference_count"] - before["inference_count"]
+                row["mean_batch"] = round(inferred / runs, 2) if runs else 0.0
+                rows.append(row)
         return rows
     finally:
         node.stop()
+
+
+async def _stats(session: Any, url: str, model: str) -> dict[str, Any]:
+    async with session.get(f"{url}/v2/models/{model}/stats") as response:
+        stats: dict[str, Any] = (await response.json())["model_stats"][0]
+        return stats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,8 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per point")
-    parser.add_argument("--max-queue-delay-us", type=int, default=1000)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-queue-delay-us", type=int, default=2000)
     parser.add_argument("--json-bodies", action="store_true", help="JSON instead of binary")
+    parser.add_argument(
+        "--client",
+        choices=["auto", "wrk", "python"],
+        default="auto",
+        help="load generator: wrk (C, leaves the cores to the server) or an aiohttp client in "
+        "this process; auto = wrk where installed",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -185,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep = [32] if args.quick else [int(c) for c in args.concurrency.split(",")]
     seconds = 4.0 if args.quick else args.seconds
     settings = SessionSettings(device="cpu", intra_op_threads=args.threads)
+    client = args.client
+    if client == "auto":
+        client = "wrk" if shutil.which("wrk") else "python"
 
     limit = in_process_limit(
         args.model_repo, args.model, settings, args.tokens, 32, 3.0 if args.quick else 6.0
@@ -198,21 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     if header_length is not None:
         headers["Inference-Header-Content-Length"] = str(header_length)
 
-    common = [
-        "--intra-op-threads",
-        str(args.threads),
-        "--device",
-        "cpu",
-        "--max-queue-delay-us",
-        str(args.max_queue_delay_us),
-    ]
-    modes = {"batching": ["--max-batch-size", "32"]}
+    common = ["--intra-op-threads", str(args.threads), "--device", "cpu"]
+    common += ["--max-queue-delay-us", str(args.max_queue_delay_us)]
+    modes = {"batching": ["--max-batch-size", str(args.max_batch_size)]}
     if not args.quick:
         modes["max_batch_size=1"] = ["--max-batch-size", "1"]
-    results: dict[str, list[dict]] = {}
+    results: dict[str, list[dict[str, Any]]] = {}
     for mode, flags in modes.items():
         results[mode] = asyncio.run(
-            measure_node(args.model_repo, args.model, common + flags, body, headers, sweep, seconds)
+            measure_node(
+                args.model_repo, args.model, common + flags, body, headers, sweep, seconds, client
+            )
         )
 
     report = {
@@ -223,16 +252,18 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "cpus": os.cpu_count(),
         "bodies": "binary" if binary else "json",
+        "client": client,
         "in_process_limit": limit,
         "served": results,
     }
     print(
         f"\nmodel {args.model}, {args.tokens} tokens, {args.threads} onnxruntime threads, "
-        f"{report['bodies']} bodies, one sample per request"
+        f"{report['bodies']} bodies, one sample per request, load from {client}"
     )
     print(f"in-process limit (session.run, batches of 32): {limit['rows_per_s']:.1f} rows/s")
     print(
-        f"{'mode':<18}{'conc':>6}{'req/s':>10}{'x limit':>9}{'p50 ms':>9}{'p99 ms':>9}{'fail':>6}"
+        f"{'mode':<18}{'conc':>6}{'req/s':>10}{'x limit':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'batch':>7}{'fail':>6}"
     )
     for mode, rows in results.items():
         for row in rows:
@@ -240,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             row["ratio_to_limit"] = round(ratio, 3)
             print(
                 f"{mode:<18}{row['concurrency']:>6}{row['throughput_rps']:>10.1f}{ratio:>9.2f}"
-                f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['failures']:>6}"
+                f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['mean_batch']:>7.1f}"
+                f"{row['failures']:>6}"
             )
     out = args.out or RESULTS / f"serving-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
