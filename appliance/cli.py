@@ -37,14 +37,86 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", type=Path, help="TOML file with NodeConfig keys")
     add_config_flags(serve, NodeConfig, {"port": SERVE_PORT, "model_repo": "(demo repo)"})
+    _add_export_parser(commands)
     node = commands.add_parser("node", help="one appliance node serving --model-repo")
     node.add_argument("--config", type=Path, help="TOML file with NodeConfig keys")
     add_config_flags(node, NodeConfig, {"port": NODE_PORT})
     return parser
 
 
+def _add_export_parser(commands: Any) -> None:
+    export = commands.add_parser(
+        "export",
+        help="convert a model to ONNX, cut it into verified segments, write a model package",
+        description="SOURCE: a Hugging Face model folder, module.path:factory (a callable "
+        "returning a torch.nn.Module and example inputs), or an .onnx file.",
+    )
+    export.add_argument("source", nargs="?", default="", metavar="SOURCE")
+    export.add_argument("--model-repo", type=Path, required=True, help="model repository")
+    export.add_argument("--name", required=True, help="model name in the repository")
+    export.add_argument("--version", type=int, default=1, help="version folder (default 1)")
+    export.add_argument("--stages", type=int, help="record a default grouping into N spans")
+    export.add_argument(
+        "--min-segment-bytes",
+        default="4MiB",
+        help="merge segments lighter than this into their neighbours (e.g. 4MiB, 500MB)",
+    )
+    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--quantize", choices=["int8"], help="onnxruntime dynamic quantisation")
+    export.add_argument("--fp16", action="store_true", help="fp16 weights and compute")
+    export.add_argument("--task", help="Hugging Face task (default: inferred)")
+    export.add_argument("--atol", type=float, default=1e-4, help="verification tolerance")
+    export.add_argument("--rtol", type=float, default=1e-3, help="verification tolerance")
+    export.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    export.add_argument("--force", action="store_true", help="replace an existing version")
+    export.add_argument("--log-level", default="warning")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from exporter.errors import ExportError
+    from exporter.export import export_model, format_plan, parse_size
+
+    configure_logging(args.log_level)
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # module.path:factory sources resolve from the current folder
+    try:
+        if not args.source:
+            raise ExportError(
+                "SOURCE is missing: give a Hugging Face model folder, module.path:factory, "
+                "or an .onnx file"
+            )
+        result = export_model(
+            args.source,
+            args.model_repo,
+            args.name,
+            version=args.version,
+            stages=args.stages,
+            min_segment_bytes=parse_size(args.min_segment_bytes),
+            opset=args.opset,
+            quantize=args.quantize,
+            fp16=args.fp16,
+            task=args.task,
+            dry_run=args.dry_run,
+            force=args.force,
+            atol=args.atol,
+            rtol=args.rtol,
+            progress=sys.stderr if sys.stderr.isatty() else None,
+        )
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(result))
+    if result.folder is not None:
+        checked = result.verification.get("chained_vs_whole", {}).get("max_abs_diff", {})
+        print(f"verified: chained segments vs whole model, max abs diff {checked}")
+        print(f"wrote {result.folder} in {result.seconds:.1f}s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "export":
+        return _export(args)
     conflicts = conflicting_onnxruntime_installs()
     if conflicts:
         print(

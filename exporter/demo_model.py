@@ -18,7 +18,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter.errors import ExportError, PackageExists
-from exporter.package_writer import write_package
 from runtime.errors import ModelLoadError
 from runtime.manifest import MANIFEST_FILE, read_manifest
 
@@ -174,9 +173,14 @@ def write_demo_package(
     force: bool = False,
     **build_kwargs: int,
 ) -> Path:
-    """Build the demo model and write it as a one-segment package; returns the version folder."""
+    """Build the demo model as one graph and export it through the real path: cut at its narrow
+    boundaries (one segment per block at the default size), verified, written atomically."""
+    from exporter.export import export_model
+
     model = build_demo_model(**build_kwargs)
-    return write_package(repo, name, version, [model], source=DEMO_SOURCE, force=force)
+    result = export_model(model, repo, name, version=version, force=force, source_label=DEMO_SOURCE)
+    assert result.folder is not None
+    return result.folder
 
 
 def ensure_demo_package(

@@ -9,3 +9,15 @@ class ExportError(Exception):
 
 class PackageExists(ExportError):
     """The package version folder exists already; pass ``force=True`` to replace it."""
+
+
+class SourceError(ExportError):
+    """The SOURCE to export is missing, of an unknown form, or unreadable."""
+
+
+class MissingExtra(ExportError):
+    """An optional dependency (torch, transformers) that this SOURCE needs is not installed."""
+
+
+class UnsupportedTask(ExportError):
+    """The task cannot be exported as one single-pass ONNX graph."""

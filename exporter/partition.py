@@ -7,9 +7,8 @@ early and read late (a mask, rotary tables, a model input read in a later block)
 passed along as extra segment outputs and inputs; large initializers are never in a frontier, they
 are copied to each segment that reads them instead.
 
-A boundary is a *candidate* when its frontier is narrow: no wider (in estimated bytes) than
-``1 + slack`` times the narrowest frontier among the positions that have weights on both sides,
-which in a transformer is the hidden state between two blocks plus its small side tensors.
+A boundary is a *candidate* when its frontier is narrow: one hidden state plus side tensors that
+together are smaller than it (see ``candidates``).
 """
 
 from __future__ import annotations
@@ -37,7 +36,8 @@ class PartitionError(ExportError):
 class Boundary:
     position: int  # cut before this node index (1 .. len(nodes) - 1)
     frontier: tuple[str, ...]  # tensors crossing it, in the order they were made
-    frontier_bytes: int  # estimated, symbolic dims counted as SYMBOLIC_DIM
+    frontier_bytes: int  # estimated (symbolic dims counted as SYMBOLIC_DIM) or measured
+    largest_bytes: int  # the widest single tensor crossing (the hidden state at a block edge)
     left_bytes: int  # initializer bytes read before the cut
     right_bytes: int  # initializer bytes read at or after it (shared weights count twice)
 
@@ -280,26 +280,39 @@ def boundaries(facts: GraphFacts) -> list[Boundary]:
             continue
         frontier = tuple(sorted(live, key=lambda n: (facts.producer[n], _order_key(facts, n))))
         known = [facts.tensor_bytes.get(n) for n in frontier]
-        width = -1 if any(b is None for b in known) else sum(b or 0 for b in known)
-        result.append(Boundary(position, frontier, width, left, right))
+        unknown = any(b is None for b in known)
+        width = -1 if unknown else sum(b or 0 for b in known)
+        largest = -1 if unknown else max((b or 0 for b in known), default=0)
+        result.append(Boundary(position, frontier, width, largest, left, right))
     return result
 
 
 def candidates(found: Sequence[Boundary], slack: float = 0.25) -> list[Boundary]:
-    """Boundaries whose frontier is within ``1 + slack`` of the narrowest weighted one.
+    """Boundaries where one hidden state crosses, plus side tensors smaller than it together.
 
-    The reference ignores positions with no weights on one side (before the embedding, a
-    frontier of token ids is narrower than any hidden state and would exclude every block).
+    The hidden state's size is the narrowest "widest tensor" among positions with at least 1 %
+    of the weights on each side (before the embedding only token ids cross, which says nothing
+    of the hidden size). A candidate's widest tensor is within ``1 + slack`` of it and the rest
+    of its frontier (masks, rotary tables, a model input read late) adds up to less than it;
+    inside a block a residual and a branch both cross, so no position there qualifies.
     Frontiers with a tensor of unknown type (bytes -1) are never candidates.
     """
+    if not found:
+        return []
+    total = max(b.left_bytes + b.right_bytes for b in found)
+    floor = 0.01 * total
     weighted = [
-        b for b in found if b.left_bytes > 0 and b.right_bytes > 0 and b.frontier_bytes >= 0
+        b for b in found if b.left_bytes > floor and b.right_bytes > floor and b.largest_bytes >= 0
     ]
     if not weighted:
         return []
-    narrowest = min(b.frontier_bytes for b in weighted)
-    bound = narrowest * (1 + slack)
-    return [b for b in found if 0 <= b.frontier_bytes <= bound]
+    hidden = min(b.largest_bytes for b in weighted)
+    return [
+        b
+        for b in found
+        if 0 <= b.largest_bytes <= hidden * (1 + slack)
+        and b.frontier_bytes - b.largest_bytes < hidden
+    ]
 
 
 def segment_weights(facts: GraphFacts, start: int, stop: int) -> tuple[str, ...]:

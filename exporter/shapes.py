@@ -8,6 +8,7 @@ sample, with every dim kept symbolic (the sample's sizes say nothing about which
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -73,3 +74,72 @@ def type_by_running(
         typed.graph.value_info.append(helper.make_tensor_value_info(name, elem, dims))
     log.info("typed %d tensor(s) by running the model: %s", len(names), ", ".join(names))
     return typed
+
+
+def measure_bytes(
+    model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray]
+) -> dict[str, int]:
+    """Real sizes of ``names`` in one run on ``feeds``.
+
+    Static estimates fail where shape inference leaves a dim symbolic that is really 1 (a
+    [batch, 1, seq, seq] mask counted as four free dims looks larger than the hidden state);
+    a run on a realistic sample sees the sizes the cut will really carry.
+    """
+    inputs = {i.name for i in model.graph.input}
+    wanted = [n for n in names if n not in inputs]
+    sizes = {n: int(np.asarray(feeds[n]).nbytes) for n in names if n in inputs and n in feeds}
+    if not wanted:
+        return sizes
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in existing)
+    options = ort.SessionOptions()
+    # keep every tensor as the graph makes it: fusions would rename or drop the ones asked for
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(
+            probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        values = session.run(wanted, {k: v for k, v in feeds.items() if k in inputs})
+    except Exception as exc:  # onnxruntime's errors are untyped
+        log.warning("could not measure frontier tensors by a run (%s); using estimates", exc)
+        return sizes
+    for name, value in zip(wanted, values, strict=True):
+        array = np.asarray(value)
+        sizes[name] = int(array.nbytes) if array.dtype != object else 8 * array.size
+    return sizes
+
+
+def fold_constants(path: Path, work: Path) -> Path:
+    """The model with constant subgraphs folded and identities removed (onnxruntime's basic
+    level: standard ONNX ops only, semantics preserved).
+
+    Exporters leave weights behind Identity nodes (tied embeddings) and Constant chains; unfolded,
+    such a weight looks like an activation made early and read late, and would be passed along
+    every cut instead of being copied into the segment that reads it.
+    """
+    target = work / "folded.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3
+    if path.stat().st_size > 2**31 - 2**27 or _has_external_data(path):
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", "folded.onnx.data"
+        )
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+        )
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's errors are untyped
+        log.warning("constant folding failed (%s); cutting the graph as exported", exc)
+        return path
+    return target
+
+
+def _has_external_data(path: Path) -> bool:
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)

@@ -45,7 +45,7 @@ def vi(name: str, dims: list) -> onnx.ValueInfoProto:  # type: ignore[type-arg]
 
 
 def chain_model(blocks: int = 4, width: int = 8) -> onnx.ModelProto:
-    """x -> [MatMul, Relu] x blocks, with a mask-like side input read by the last block."""
+    """x -> [MatMul, Relu] x blocks, with a small side input read by the last block."""
     nodes, inits, h = [], [], "x"
     for b in range(blocks):
         inits.append(weight(f"w{b}", width, width, b))
@@ -57,7 +57,7 @@ def chain_model(blocks: int = 4, width: int = 8) -> onnx.ModelProto:
     nodes.append(helper.make_node("Mul", [h, "scale"], ["y"]))
     return model_of(
         nodes,
-        [vi("x", ["batch", width]), vi("scale", ["batch", width])],
+        [vi("x", ["batch", width]), vi("scale", ["batch", 1])],
         [vi("y", ["batch", width])],
         inits,
     )
@@ -144,11 +144,13 @@ MODELS = {"chain": chain_model, "branchy": branchy_model, "control_flow": contro
 def feeds_for(model: onnx.ModelProto, rows: int = 3) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     inits = {t.name for t in model.graph.initializer}
-    return {
-        i.name: rng.normal(size=(rows, 8)).astype(np.float32)
-        for i in model.graph.input
-        if i.name not in inits
-    }
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        dims = [d.dim_value or rows for d in value.type.tensor_type.shape.dim]
+        feeds[value.name] = rng.normal(size=dims).astype(np.float32)
+    return feeds
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
