@@ -220,3 +220,19 @@ def test_the_default_demo_model_is_cut_one_segment_per_block(tmp_path: Path) -> 
     manifest = read_manifest(result.folder)
     assert len(manifest.segments) == 13  # the embedding, then 12 blocks
     assert manifest.verification["chained_vs_whole"]["max_abs_diff"]["last_hidden_state"] == 0.0
+
+
+@pytest.mark.gpu
+def test_fp16_segments_match_fp32_on_cuda(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu with a CUDA device")
+    result = export_model(small_onnx(tmp_path), tmp_path / "repo", "h", fp16=True)
+    assert result.folder is not None
+    package = open_package(tmp_path / "repo", "h")
+    gpu = load_span(package, SessionSettings(device="cuda"))
+    ids = np.random.default_rng(0).integers(0, 300, size=(2, 9)).astype(np.int64)
+    reference = ort.InferenceSession(str(tmp_path / "small.onnx")).run(None, {"input_ids": ids})
+    got = gpu.run({"input_ids": ids})["last_hidden_state"]
+    np.testing.assert_allclose(got, reference[0], atol=5e-2, rtol=5e-2)
