@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance.config import NodeConfig, add_config_flags, load_config
+from appliance.config import CoordinatorConfig, NodeConfig, add_config_flags, load_config
 from appliance.errors import ConfigError
 from appliance.logs import configure_logging
 from runtime.errors import RuntimeFailure
@@ -33,10 +33,19 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
-        help="all-in-one on this machine: serve the demo model, or what --model-repo holds",
+        help="all-in-one on this machine: a coordinator and N local nodes serving the demo "
+        "model, or what --model-repo holds",
     )
-    serve.add_argument("--config", type=Path, help="TOML file with NodeConfig keys")
-    add_config_flags(serve, NodeConfig, {"port": SERVE_PORT, "model_repo": "(demo repo)"})
+    serve.add_argument("--config", type=Path, help="TOML file with CoordinatorConfig keys")
+    serve.add_argument("--nodes", type=int, default=2, help="local node processes (default 2)")
+    add_config_flags(
+        serve, CoordinatorConfig, {"port": SERVE_PORT, "model_repo": "(demo repo)", "stages": 2}
+    )
+    coordinator = commands.add_parser(
+        "coordinator", help="the coordinator: the public API in front of a ring of nodes"
+    )
+    coordinator.add_argument("--config", type=Path, help="TOML file with CoordinatorConfig keys")
+    add_config_flags(coordinator, CoordinatorConfig, {"port": SERVE_PORT})
     _add_export_parser(commands)
     node = commands.add_parser("node", help="one appliance node serving --model-repo")
     node.add_argument("--config", type=Path, help="TOML file with NodeConfig keys")
@@ -128,37 +137,53 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    skip = ("command", "config", "nodes")
+    flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         if args.command == "serve":
-            config = load_config(NodeConfig, args.config, flags, {"port": SERVE_PORT})
-            configure_logging(config.log_level, config.log_format)
-            config = _with_demo_repo(config)
-        else:
-            config = load_config(NodeConfig, args.config, flags, {"port": NODE_PORT})
-            configure_logging(config.log_level, config.log_format)
-            if not config.model_repo:
-                raise ConfigError(
-                    "appliance node needs --model-repo DIR (or model_repo in --config)"
-                )
+            coordinator_config = load_config(
+                CoordinatorConfig, args.config, flags, {"port": SERVE_PORT, "stages": 2}
+            )
+            configure_logging(coordinator_config.log_level, coordinator_config.log_format)
+            return asyncio.run(_serve(coordinator_config, args.nodes))
+        if args.command == "coordinator":
+            coordinator_config = load_config(
+                CoordinatorConfig, args.config, flags, {"port": SERVE_PORT}
+            )
+            configure_logging(coordinator_config.log_level, coordinator_config.log_format)
+            if not coordinator_config.model_repo:
+                raise ConfigError("appliance coordinator needs --model-repo DIR")
+            from appliance.local_ring import run_coordinator
+
+            return asyncio.run(run_coordinator(coordinator_config))
+        config = load_config(NodeConfig, args.config, flags, {"port": NODE_PORT})
+        configure_logging(config.log_level, config.log_format)
+        if not config.model_repo:
+            raise ConfigError("appliance node needs --model-repo DIR (or model_repo in --config)")
         return asyncio.run(_run_node(config))
     except (ConfigError, RuntimeFailure) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def _with_demo_repo(config: NodeConfig) -> NodeConfig:
-    """``serve`` with no repository, or an empty one, serves the built-in demo model."""
+async def _serve(config: CoordinatorConfig, nodes: int) -> int:
+    """The demo (or the repository's models) on a coordinator and ``nodes`` local nodes."""
     from dataclasses import replace
 
-    from exporter.demo_model import ensure_demo_package
+    from appliance.local_ring import LocalRing, run_local_ring
     from runtime.package import list_repository
 
     repo = Path(config.model_repo) if config.model_repo else default_demo_repo()
     if not list_repository(repo):
+        from exporter.demo_model import ensure_demo_package
+
         log.info("no model in %s: building the demo model there (once)", repo)
-        ensure_demo_package(repo)
-    return replace(config, model_repo=str(repo))
+        await asyncio.to_thread(ensure_demo_package, repo)
+    config = replace(config, model_repo=str(repo))
+    model = (config.models or sorted(list_repository(repo)))[0]
+    work = Path(config.state_dir or repo / ".serve")
+    ring = LocalRing(nodes, config.stages, config.replicas, model)
+    return await run_local_ring(config, ring, work)
 
 
 async def _run_node(config: NodeConfig) -> int:
@@ -169,12 +194,19 @@ async def _run_node(config: NodeConfig) -> int:
     host = f"[{config.host}]" if ":" in config.host else config.host
     log.info("listening on http://%s:%d (model repository %s)", host, port, config.model_repo)
     print(f"appliance listening on http://{host}:{port}", flush=True)
+    membership = None
+    if config.join:
+        from appliance.ring_node import start_membership
+
+        membership = start_membership(app, config.advertise_url or f"http://{host}:{port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
+    if membership is not None:
+        membership.cancel()
     await runner.cleanup()
     return 0
 

@@ -67,6 +67,26 @@ class NodeConfig:
         default="info", metadata={"help": "logging level"}
     )
     log_format: Literal["text", "json"] = field(default="text", metadata={"help": "log format"})
+    # --- ring membership ---
+    join: str = field(default="", metadata={"help": "coordinator to join, host:port or URL"})
+    node_id: str = field(
+        default="", metadata={"help": "stable node id (default: made once, kept in state_dir)"}
+    )
+    state_dir: str = field(
+        default="", metadata={"help": "where the node keeps its id (default: model_repo/.node)"}
+    )
+    advertise_url: str = field(
+        default="", metadata={"help": "URL peers use to reach this node (default: bound address)"}
+    )
+    memory_budget: int = field(
+        default=0, metadata={"help": "bytes for spans (0: the memory available at start)"}
+    )
+    heartbeat_interval_s: float = field(
+        default=1.0, metadata={"help": "seconds between heartbeats to the coordinator"}
+    )
+    min_attempt_s: float = field(
+        default=1.0, metadata={"help": "shortest time a hop attempt gets before failing over"}
+    )
 
     def session_settings(self) -> SessionSettings:
         return SessionSettings(
@@ -181,3 +201,51 @@ def load_config(
     config = cls(**values)
     config.check()
     return config
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=8000, metadata={"help": "port to bind; 0 picks a free one"})
+    model_repo: str = field(default="", metadata={"help": "model repository (packages to place)"})
+    state_dir: str = field(
+        default="",
+        metadata={"help": "where placements are kept (default: model_repo/.coordinator)"},
+    )
+    models: list[str] = field(
+        default_factory=list, metadata={"help": "models to place once enough nodes have joined"}
+    )
+    stages: int = field(default=0, metadata={"help": "spans per model (0: fewest that fit)"})
+    replicas: int = field(default=1, metadata={"help": "replicas of every span"})
+    node_timeout_s: float = field(
+        default=3.0, metadata={"help": "a node silent this long is out of routes"}
+    )
+    request_timeout_s: float = field(
+        default=30.0, metadata={"help": "deadline of a request without a timeout parameter"}
+    )
+    load_timeout_s: float = field(
+        default=300.0, metadata={"help": "how long a repository load may take before 503"}
+    )
+    min_attempt_s: float = field(
+        default=1.0, metadata={"help": "shortest time a hop attempt gets before failing over"}
+    )
+    max_body_bytes: int = field(
+        default=64 * 1024 * 1024, metadata={"help": "request body limit, also after decompression"}
+    )
+    compress_responses: Literal["auto", "always", "never"] = field(
+        default="auto", metadata={"help": "as for nodes"}
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = field(
+        default="info", metadata={"help": "logging level"}
+    )
+    log_format: Literal["text", "json"] = field(default="text", metadata={"help": "log format"})
+
+    def check(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError(f"replicas must be at least 1, got {self.replicas}")
+        if self.stages < 0:
+            raise ConfigError(f"stages must be 0 (automatic) or more, got {self.stages}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.max_body_bytes < 1:
+            raise ConfigError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")

@@ -21,3 +21,28 @@ class UnsupportedMediaType(ApplianceError):
 
 class ConfigError(ApplianceError):
     """A config file or flag is invalid; the message names the key and what is accepted."""
+
+
+class NoLiveReplica(ApplianceError):
+    """Every replica of a span failed or none is alive (maps to 503)."""
+
+
+class DigestMismatch(ApplianceError):
+    """A hop asked for other bytes than this node holds (maps to 409)."""
+
+
+class NotMember(ApplianceError):
+    """A heartbeat from a node the coordinator does not know (maps to 404: join again)."""
+
+
+class MemberConflict(ApplianceError):
+    """A second live node with the same id tried to join (maps to 409)."""
+
+
+class UpstreamError(ApplianceError):
+    """A node answered a hop with a final error (e.g. 400 for values its span rejects); the
+    status travels back to the client unchanged."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status

@@ -8,7 +8,17 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from appliance.errors import BadRequest, BodyTooLarge, ConfigError, UnsupportedMediaType
+from appliance.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ConfigError,
+    DigestMismatch,
+    MemberConflict,
+    NoLiveReplica,
+    NotMember,
+    UnsupportedMediaType,
+    UpstreamError,
+)
 from runtime.errors import (
     DeadlineExceeded,
     DeviceUnavailable,
@@ -33,8 +43,12 @@ STATUS_OF: list[tuple[type[Exception], int]] = [
     (InvalidRequest, 400),
     (ModelLoadError, 400),  # as Triton answers a failed repository load
     (ModelNotFound, 404),
+    (NotMember, 404),
     (VersionConflict, 409),
+    (DigestMismatch, 409),
+    (MemberConflict, 409),
     (Overloaded, 503),
+    (NoLiveReplica, 503),
     (ModelNotReady, 503),
     (DeviceUnavailable, 503),
     (DeadlineExceeded, 504),
@@ -42,6 +56,8 @@ STATUS_OF: list[tuple[type[Exception], int]] = [
 
 
 def status_of(exc: Exception) -> int | None:
+    if isinstance(exc, UpstreamError):
+        return exc.status  # a node's final answer travels back as it was
     for cls, status in STATUS_OF:
         if isinstance(exc, cls):
             return status

@@ -15,11 +15,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from appliance.app_keys import CONFIG, LOADER, METRICS, REGISTRY
 from appliance.body import read_body
 from appliance.config import NodeConfig
 from appliance.errors import BadRequest
 from appliance.http_errors import error_middleware, status_of
 from appliance.metrics import Metrics
+from appliance.ring_node import add_ring_routes
 from runtime.codec import decode_request, encode_response, parse_header_length
 from runtime.errors import ModelNotFound, RuntimeFailure
 from runtime.package import list_repository
@@ -28,10 +30,6 @@ from runtime.signature import validate_inputs, validate_output_names
 
 log = logging.getLogger(__name__)
 
-REGISTRY = web.AppKey("registry", ModelRegistry)
-CONFIG = web.AppKey("config", NodeConfig)
-METRICS = web.AppKey("metrics", Metrics)
-LOADER = web.AppKey("loader", asyncio.Task)
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -103,7 +101,7 @@ async def model_stats(request: web.Request) -> web.Response:
     return json_response({"model_stats": [m.stats.as_dict(m.name, m.version) for m in models]})
 
 
-def _deadline(parameters: dict[str, Any]) -> float | None:
+def deadline_from(parameters: dict[str, Any]) -> float | None:
     """Triton's ``timeout`` request parameter, in microseconds, as an absolute deadline."""
     timeout = parameters.get("timeout")
     if timeout is None:
@@ -144,7 +142,7 @@ async def _infer(
     wanted = [o.name for o in decoded.outputs] if decoded.outputs else None
     if wanted:
         validate_output_names(model.signature, wanted)
-    deadline = _deadline(decoded.parameters)
+    deadline = deadline_from(decoded.parameters)
     try:
         outputs = await model.infer(decoded.inputs, wanted, deadline)
     except RuntimeFailure as exc:
@@ -163,7 +161,7 @@ async def _infer(
     else:
         response = web.Response(body=payload, content_type="application/octet-stream")
         response.headers[HEADER_LENGTH] = str(response_header_length)
-    if _should_compress(app[CONFIG].compress_responses, request, response_header_length, payload):
+    if should_compress(app[CONFIG].compress_responses, request, response_header_length, payload):
         response.enable_compression()
     return response
 
@@ -173,7 +171,7 @@ async def _infer(
 _COMPRESS_MIN_BYTES = 4096
 
 
-def _should_compress(
+def should_compress(
     policy: str, request: web.Request, header_length: int | None, payload: bytes
 ) -> bool:
     accepted = request.headers.get("Accept-Encoding", "")
@@ -187,7 +185,7 @@ def _should_compress(
 # --- repository ----------------------------------------------------------------------------
 
 
-async def _optional_json_object(request: web.Request) -> dict[str, Any]:
+async def optional_json_object(request: web.Request) -> dict[str, Any]:
     """Triton's client sends no body; others send {} or {"ready": true}."""
     raw = await request.read()
     if not raw.strip():
@@ -202,7 +200,7 @@ async def _optional_json_object(request: web.Request) -> dict[str, Any]:
 
 
 async def repository_index(request: web.Request) -> web.Response:
-    options = await _optional_json_object(request)
+    options = await optional_json_object(request)
     rows = request.app[REGISTRY].index()
     if options.get("ready") is True:
         rows = [row for row in rows if row["state"] == "READY"]
@@ -210,7 +208,7 @@ async def repository_index(request: web.Request) -> web.Response:
 
 
 async def repository_load(request: web.Request) -> web.Response:
-    await _optional_json_object(request)
+    await optional_json_object(request)
     name = request.match_info["model"]
     registry = request.app[REGISTRY]
     if name not in list_repository(registry.repo):
@@ -223,7 +221,7 @@ async def repository_load(request: web.Request) -> web.Response:
 
 
 async def repository_unload(request: web.Request) -> web.Response:
-    await _optional_json_object(request)
+    await optional_json_object(request)
     await request.app[REGISTRY].unload(request.match_info["model"])
     return web.Response(status=200)
 
@@ -251,8 +249,9 @@ def _model_routes(prefix: str) -> list[web.RouteDef]:
 async def _load_models(app: web.Application) -> None:
     """Load and warm the configured models after the socket is open (live, not yet ready)."""
     config, registry = app[CONFIG], app[REGISTRY]
-    names = config.models or sorted(list_repository(registry.repo))
-    if not names:
+    # a ring member loads what the coordinator places on it; a lone node serves its repository
+    names = config.models or ([] if config.join else sorted(list_repository(registry.repo)))
+    if not names and not config.join:
         log.warning("model repository %s holds no model", registry.repo)
     for name in names:
         try:
@@ -298,6 +297,7 @@ def build_node_app(config: NodeConfig) -> web.Application:
             web.get("/metrics", metrics_endpoint),
         ]
     )
+    add_ring_routes(app, config)
     app.on_startup.append(_start_loading)
     app.on_shutdown.append(_stop)
     return app

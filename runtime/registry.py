@@ -37,6 +37,7 @@ class LoadedModel:
     batcher: DynamicBatcher
     stats: ModelStats
     warmup_runs: int = 0  # session runs done before the model was reported ready
+    span: tuple[int, int] = (0, 0)  # first and last segment held (the whole model: 0..n-1)
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -186,14 +187,25 @@ class ModelRegistry:
                 rows.append(row)
         return rows
 
-    async def load(self, name: str, version: int | None = None) -> LoadedModel:
-        """Load, warm, then swap in atomically; the old version serves until the new is warm."""
-        async with self._locks.setdefault(name, asyncio.Lock()):
-            slot = self._slots.setdefault(name, _Slot())
+    async def load(
+        self,
+        name: str,
+        version: int | None = None,
+        span: tuple[int, int] | None = None,
+        slot_name: str | None = None,
+    ) -> LoadedModel:
+        """Load, warm, then swap in atomically; the old version serves until the new is warm.
+
+        ``span`` (first, last segment) loads part of the package; ``slot_name`` (default: the
+        model name) is the key it is served under, so one node may hold spans of one model.
+        """
+        key = slot_name or name
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            slot = self._slots.setdefault(key, _Slot())
             previous_state = slot.state
             slot.state, slot.reason = "LOADING", ""
             try:
-                model = await asyncio.to_thread(self._build, name, version)
+                model = await asyncio.to_thread(self._build, name, version, span)
             except RuntimeFailure as exc:
                 slot.reason = str(exc)
                 slot.state = "READY" if slot.serving is not None else "UNAVAILABLE"
@@ -227,10 +239,11 @@ class ModelRegistry:
                 await slot.serving.batcher.drain(self.drain_timeout_s)
                 slot.serving = None
 
-    def _build(self, name: str, version: int | None) -> LoadedModel:
+    def _build(self, name: str, version: int | None, span: tuple[int, int] | None) -> LoadedModel:
         """On a worker thread: open the package, build the span, warm it up."""
         package = open_package(self.repo, name, version)
-        runner = load_span(package, self.session_settings)
+        first, last = span if span is not None else (0, len(package.segments) - 1)
+        runner = load_span(package, self.session_settings, first, last)
         warmup_runs = self._warm(runner, name) if self.warmup.enabled else 0
         stats = ModelStats()
         batcher = DynamicBatcher(
@@ -240,7 +253,7 @@ class ModelRegistry:
             name=name,
             stats=stats,
         )
-        return LoadedModel(package, runner, batcher, stats, warmup_runs)
+        return LoadedModel(package, runner, batcher, stats, warmup_runs, (first, last))
 
     def _warm(self, runner: SpanRunner, name: str) -> int:
         """Run the shapes real traffic will bring, so the first request pays no allocation."""

@@ -1,0 +1,667 @@
+"""The coordinator: one KServe v2 endpoint for local apps in front of the ring of nodes.
+
+It places models as spans on nodes (``placement.place``), tells nodes to load them (they fetch
+segment files from here), routes each request to one replica of the first span with the route
+of the others (one node call per request), fails over between replicas, and keeps the
+placement pinned: it changes on an explicit load only, and survives a restart (state_dir).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from appliance.body import read_body
+from appliance.cluster import Cluster, Member
+from appliance.config import CoordinatorConfig
+from appliance.errors import BadRequest, NoLiveReplica
+from appliance.hop_client import HopClient, HopSettings
+from appliance.http_errors import error_middleware, status_of
+from appliance.metrics import LATENCY_BUCKETS
+from appliance.node_server import (
+    EXTENSIONS,
+    HEADER_LENGTH,
+    SERVER_VERSION,
+    deadline_from,
+    json_response,
+    optional_json_object,
+    should_compress,
+)
+from appliance.placement import (
+    NodeCapacity,
+    Placement,
+    PlacementError,
+    SpanAssignment,
+    place,
+)
+from runtime.codec import (
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+    parse_header_length,
+)
+from runtime.errors import ModelNotFound, ModelNotReady
+from runtime.manifest import MANIFEST_FILE, Manifest
+from runtime.package import PackageRef, list_repository, open_package
+from runtime.signature import Signature, TensorSpec, validate_inputs, validate_output_names
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelEntry:
+    """A package the coordinator can place: its manifest, signature and segment sizes."""
+
+    package: PackageRef
+    manifest: Manifest
+    signature: Signature
+
+    @property
+    def sizes(self) -> list[int]:
+        return [s.bytes for s in self.manifest.segments]
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.package.name,
+            "versions": [str(self.package.version)],
+            "platform": "onnxruntime_onnx",
+            "inputs": [s.as_dict() for s in self.signature.inputs],
+            "outputs": [s.as_dict() for s in self.signature.outputs],
+            "parameters": {"digest": self.package.digest, "segments": len(self.sizes)},
+        }
+
+
+class CoordinatorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "appliance_requests",
+            "inference requests by model and status",
+            ["model", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "appliance_request_seconds",
+            "end-to-end inference latency",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.hop_attempts = Counter(
+            "appliance_hop_attempts", "calls to a first-span node", ["node"], registry=r
+        )
+        self.retries = Counter(
+            "appliance_hop_retries", "hops retried on another replica", ["node"], registry=r
+        )
+        self.ejections = Counter(
+            "appliance_ejections", "replicas ejected after a failure", ["node"], registry=r
+        )
+        self.members = Gauge(
+            "appliance_ring_members", "ring members by health", ["health"], registry=r
+        )
+
+
+class Coordinator:
+    """State and actions of the coordinator process; HTTP handlers call into it."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.repo = Path(config.model_repo)
+        self.state_dir = Path(config.state_dir or self.repo / ".coordinator")
+        self.cluster = Cluster(config.node_timeout_s)
+        self.models: dict[str, ModelEntry] = {}
+        self.placements: dict[str, Placement] = {}
+        self.metrics = CoordinatorMetrics()
+        self.session: aiohttp.ClientSession | None = None
+        self.hops: HopClient | None = None
+        self._loading: set[tuple[str, str, int, int]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- models ---------------------------------------------------------------------------
+
+    def entry(self, name: str, version: str | None = None) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            entry = self._open(name)
+        if version is not None and version != str(entry.package.version):
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r} placed; placed: {entry.package.version}"
+            )
+        return entry
+
+    def _open(self, name: str) -> ModelEntry:
+        package = open_package(self.repo, name)
+        if package.manifest is None:
+            raise ModelNotFound(f"{package.folder} has no {MANIFEST_FILE}; export it first")
+        manifest = package.manifest
+        signature = Signature(
+            inputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in manifest.inputs),
+            outputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in manifest.outputs),
+        )
+        entry = ModelEntry(package, manifest, signature)
+        self.models[name] = entry
+        return entry
+
+    def placed(self, name: str) -> tuple[ModelEntry, Placement]:
+        entry = self.entry(name)
+        placement = self.placements.get(name)
+        if placement is None:
+            raise ModelNotReady(
+                f"model {name!r} is not placed on the ring; POST /v2/repository/models/{name}/load"
+            )
+        return entry, placement
+
+    # -- placement and loading ------------------------------------------------------------
+
+    async def load(self, name: str, stages: int | None, replicas: int | None) -> Placement:
+        self.models.pop(name, None)  # re-read the package: a new version may have been exported
+        entry = self.entry(name)
+        now = time.monotonic()
+        live = self.cluster.live(now)
+        sizes = {n: e.sizes for n, e in self.models.items()}
+        capacities = [
+            NodeCapacity(
+                m.node_id,
+                max(0, m.memory_budget - m.bytes_held_except(name, sizes)),
+                1.0,
+                m.ring_index,
+            )
+            for m in live
+        ]
+        if not capacities:
+            raise NoLiveReplica(f"no node has joined the ring; cannot place {name}")
+        previous = self.placements.get(name)
+        try:
+            placement = place(
+                entry.sizes,
+                capacities,
+                replicas or self.config.replicas,
+                stages or self.config.stages or None,
+                version=(previous.version + 1) if previous else 1,
+            )
+        except PlacementError as exc:
+            raise ModelNotReady(f"cannot place {name}: {exc}") from exc
+        members = {m.node_id: m for m in live}
+        jobs = [
+            self._load_span(members[node], entry, span.first, span.last)
+            for span in placement.spans
+            for node in span.replicas
+        ]
+        try:
+            await asyncio.wait_for(asyncio.gather(*jobs), self.config.load_timeout_s)
+        except TimeoutError:
+            raise ModelNotReady(
+                f"loading {name} took longer than {self.config.load_timeout_s}s; the placement "
+                "was not changed"
+            ) from None
+        self.placements[name] = placement  # swap only once every replica is warm
+        self._save_placements()
+        await self._unload_outside(name, placement, live)
+        log.info("placed %s: %s", name, placement.as_dict())
+        return placement
+
+    async def _load_span(self, member: Member, entry: ModelEntry, first: int, last: int) -> None:
+        assert self.session is not None
+        key = (member.node_id, entry.package.name, first, last)
+        self._loading.add(key)
+        try:
+            payload = {"manifest": _manifest_dict(entry.manifest), "first": first, "last": last}
+            async with self.session.post(
+                member.address + "/internal/load",
+                json=payload,
+                timeout=aiohttp.ClientTimeout(total=self.config.load_timeout_s),
+            ) as response:
+                if response.status != 200:
+                    raise ModelNotReady(
+                        f"node {member.node_id} could not load {entry.package.name} segments "
+                        f"{first}-{last}: {response.status} {await response.text()}"
+                    )
+        except aiohttp.ClientError as exc:
+            raise ModelNotReady(f"node {member.node_id} unreachable while loading: {exc}") from exc
+        finally:
+            self._loading.discard(key)
+        # count it as held now, before the next heartbeat says so
+        from appliance.cluster import HeldSpan
+
+        member.spans = [
+            s
+            for s in member.spans
+            if not (s.model == entry.package.name and s.first == first and s.last == last)
+        ]
+        member.spans.append(
+            HeldSpan(
+                entry.package.name,
+                str(entry.package.version),
+                entry.package.digest,
+                first,
+                last,
+                True,
+            )
+        )
+
+    async def _unload_outside(self, name: str, placement: Placement, live: list[Member]) -> None:
+        assert self.session is not None
+        wanted = {(node, s.first, s.last) for s in placement.spans for node in s.replicas}
+        for member in live:
+            for span in list(member.spans):
+                if span.model == name and (member.node_id, span.first, span.last) not in wanted:
+                    try:
+                        await self.session.post(
+                            member.address + "/internal/unload",
+                            json={"model": name, "first": span.first, "last": span.last},
+                        )
+                    except aiohttp.ClientError as exc:
+                        log.warning("unload on %s failed: %s", member.node_id, exc)
+
+    async def unload(self, name: str) -> None:
+        self.entry(name)
+        self.placements.pop(name, None)
+        self._save_placements()
+        await self._unload_outside(name, Placement(0, ()), self.cluster.live(time.monotonic()))
+
+    async def reconcile_forever(self) -> None:
+        """Give every live node of a pinned placement the spans it should hold (a restarted
+        node comes back empty; the placement itself does not move)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            self.metrics.members.labels("live").set(len(self.cluster.live(now)))
+            self.metrics.members.labels("silent").set(
+                len(self.cluster.members) - len(self.cluster.live(now))
+            )
+            for name, placement in list(self.placements.items()):
+                try:
+                    entry = self.entry(name)
+                except ModelNotFound:
+                    continue
+                for span in placement.spans:
+                    for node in span.replicas:
+                        member = self.cluster.members.get(node)
+                        key = (node, name, span.first, span.last)
+                        if (
+                            member is None
+                            or not self.cluster.is_live(member, now)
+                            or key in self._loading
+                            or member.holds(name, entry.package.digest, span.first, span.last)
+                        ):
+                            continue
+                        log.info(
+                            "reloading %s segments %d-%d on %s", name, span.first, span.last, node
+                        )
+                        task = asyncio.get_running_loop().create_task(
+                            self._reload(member, entry, span.first, span.last)
+                        )
+                        self._tasks.append(task)
+            self._tasks = [t for t in self._tasks if not t.done()]
+
+    async def _reload(self, member: Member, entry: ModelEntry, first: int, last: int) -> None:
+        try:
+            await self._load_span(member, entry, first, last)
+        except (ModelNotReady, aiohttp.ClientError) as exc:
+            log.warning("reload failed: %s", exc)
+
+    def _save_placements(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / "placements.json.tmp"
+        tmp.write_text(json.dumps({n: p.as_dict() for n, p in self.placements.items()}))
+        tmp.replace(self.state_dir / "placements.json")
+
+    def restore_placements(self) -> None:
+        path = self.state_dir / "placements.json"
+        if not path.is_file():
+            return
+        try:
+            raw = json.loads(path.read_text())
+            self.placements = {name: placement_from_dict(p) for name, p in raw.items()}
+            log.info("restored placements of %s", ", ".join(self.placements) or "no model")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring unreadable %s: %s", path, exc)
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def infer(self, request: web.Request, name: str, version: str | None) -> web.Response:
+        entry, placement = self.placed(name)
+        if version is not None:
+            self.entry(name, version)
+        body = await read_body(request, self.config.max_body_bytes)
+        length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
+        decoded = decode_request(body, length)
+        validate_inputs(entry.signature, decoded.inputs)
+        wanted = [o.name for o in decoded.outputs] if decoded.outputs else None
+        if wanted:
+            validate_output_names(entry.signature, wanted)
+        timeout = deadline_from(decoded.parameters)
+        budget = (timeout - time.monotonic()) if timeout else self.config.request_timeout_s
+        deadline = time.time() + budget
+        route = self.cluster.route(
+            name, entry.package.digest, len(entry.sizes), placement, time.monotonic()
+        )
+        payload, payload_length = encode_request(decoded.inputs)
+        assert self.hops is not None
+        request_id = decoded.id or uuid.uuid4().hex[:16]
+        answer, answer_length = await self.hops.call(
+            route, name, entry.package.digest, request_id, deadline, payload, payload_length
+        )
+        result = decode_response(answer, answer_length)
+        names = wanted or entry.signature.output_names()
+        out, out_length = encode_response(
+            name,
+            str(entry.package.version),
+            decoded.id,
+            [(n, result.outputs[n]) for n in names],
+            [decoded.wants_binary(n) for n in names],
+        )
+        response = web.Response(
+            body=out,
+            content_type="application/json" if out_length is None else "application/octet-stream",
+        )
+        if out_length is not None:
+            response.headers[HEADER_LENGTH] = str(out_length)
+        if should_compress(self.config.compress_responses, request, out_length, out):
+            response.enable_compression()
+        return response
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.placements:
+            return False, "no model is placed on the ring"
+        now = time.monotonic()
+        for name, placement in self.placements.items():
+            try:
+                entry = self.entry(name)
+                self.cluster.route(name, entry.package.digest, len(entry.sizes), placement, now)
+            except (NoLiveReplica, ModelNotFound) as exc:
+                return False, str(exc)
+        return True, ""
+
+    def cluster_view(self) -> dict[str, Any]:
+        now = time.monotonic()
+        assert self.hops is not None
+        return {
+            "nodes": [
+                m.as_dict(now, self.cluster.is_live(m, now), self.hops.is_ejected(m.address))
+                for m in sorted(self.cluster.members.values(), key=lambda m: m.ring_index)
+            ],
+            "placements": {n: p.as_dict() for n, p in self.placements.items()},
+            "models": {n: e.package.digest for n, e in self.models.items()},
+        }
+
+
+def placement_from_dict(raw: dict[str, Any]) -> Placement:
+    """The inverse of ``Placement.as_dict`` (placements are kept across restarts)."""
+    spans = tuple(
+        SpanAssignment(
+            int(s["span"]),
+            int(s["first"]),
+            int(s["last"]),
+            int(s["bytes"]),
+            tuple(str(r) for r in s["replicas"]),
+        )
+        for s in raw["spans"]
+    )
+    return Placement(int(raw["version"]), spans)
+
+
+def _manifest_dict(manifest: Manifest) -> dict[str, Any]:
+    return dict(json.loads(manifest.to_json()))
+
+
+COORDINATOR = web.AppKey("coordinator", Coordinator)
+
+
+def _c(request: web.Request) -> Coordinator:
+    return request.app[COORDINATOR]
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return json_response(
+        {"name": "onnx-appliance", "version": SERVER_VERSION, "extensions": EXTENSIONS}
+    )
+
+
+async def health_live(request: web.Request) -> web.Response:
+    return json_response({"live": True})
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    ready, why = _c(request).ready()
+    if ready:
+        return json_response({"ready": True})
+    response = json_response({"ready": False, "error": f"not ready: {why}"}, status=503)
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    return json_response(
+        _c(request).entry(request.match_info["model"], request.match_info.get("version")).metadata()
+    )
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    coordinator = _c(request)
+    name = request.match_info["model"]
+    entry, placement = coordinator.placed(name)
+    coordinator.entry(name, request.match_info.get("version"))
+    coordinator.cluster.route(
+        name, entry.package.digest, len(entry.sizes), placement, time.monotonic()
+    )
+    return json_response({"name": name, "version": str(entry.package.version), "ready": True})
+
+
+async def model_config(request: web.Request) -> web.Response:
+    coordinator = _c(request)
+    name = request.match_info["model"]
+    entry = coordinator.entry(name, request.match_info.get("version"))
+    placement = coordinator.placements.get(name)
+    return json_response(
+        {
+            "name": name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "input": [s.as_dict() for s in entry.signature.inputs],
+            "output": [s.as_dict() for s in entry.signature.outputs],
+            "parameters": {"digest": {"string_value": entry.package.digest}},
+            "placement": placement.as_dict() if placement else None,
+        }
+    )
+
+
+async def infer(request: web.Request) -> web.Response:
+    coordinator = _c(request)
+    name = request.match_info["model"]
+    started = time.perf_counter()
+    status = 200
+    try:
+        return await coordinator.infer(request, name, request.match_info.get("version"))
+    except Exception as exc:
+        status = status_of(exc) or 500
+        raise
+    finally:
+        coordinator.metrics.requests.labels(name, str(status)).inc()
+        if status == 200:
+            coordinator.metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    options = await optional_json_object(request)
+    coordinator = _c(request)
+    rows = []
+    for name, versions in list_repository(coordinator.repo).items():
+        for version in versions:
+            placed = (
+                name in coordinator.placements
+                and coordinator.entry(name).package.version == version
+            )
+            row = {
+                "name": name,
+                "version": str(version),
+                "state": "READY" if placed else "UNAVAILABLE",
+                "reason": "" if placed else "not placed",
+            }
+            if not options.get("ready") or placed:
+                rows.append(row)
+    return json_response(rows)
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    options = await optional_json_object(request)
+    parameters = options.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("parameters must be a JSON object")
+    stages, replicas = parameters.get("stages"), parameters.get("replicas")
+    for key, value in (("stages", stages), ("replicas", replicas)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise BadRequest(f"parameter {key} must be a positive integer, got {value!r}")
+    await _c(request).load(request.match_info["model"], stages, replicas)
+    return web.Response(status=200)
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    await optional_json_object(request)
+    await _c(request).unload(request.match_info["model"])
+    return web.Response(status=200)
+
+
+async def cluster(request: web.Request) -> web.Response:
+    return json_response(_c(request).cluster_view())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=generate_latest(_c(request).metrics.registry),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
+
+
+# --- internal ------------------------------------------------------------------------------
+
+
+async def _body_json(request: web.Request) -> Any:
+    try:
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body must be JSON: {exc}") from exc
+
+
+async def join(request: web.Request) -> web.Response:
+    coordinator = _c(request)
+    raw = await _body_json(request)
+    now = time.monotonic()
+    old_alive = False
+    existing = (
+        coordinator.cluster.members.get(str(raw.get("node_id"))) if isinstance(raw, dict) else None
+    )
+    if existing is not None and existing.incarnation != str(raw.get("incarnation")):
+        old_alive = await _still_there(coordinator, existing)
+    member = coordinator.cluster.join(raw, now, old_alive)
+    if coordinator.hops is not None:
+        coordinator.hops.ejected.pop(member.address, None)
+    log.info(
+        "node %s joined from %s (%d spans held)", member.node_id, member.address, len(member.spans)
+    )
+    return json_response({"node_id": member.node_id, "ring_index": member.ring_index})
+
+
+async def _still_there(coordinator: Coordinator, member: Member) -> bool:
+    """Probe the previous incarnation: does its address still answer as that incarnation?"""
+    assert coordinator.session is not None
+    try:
+        async with coordinator.session.get(
+            member.address + "/internal/identity", timeout=aiohttp.ClientTimeout(total=1)
+        ) as response:
+            body = await response.json()
+            return bool(response.status == 200 and body.get("incarnation") == member.incarnation)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return False
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    coordinator = _c(request)
+    member = coordinator.cluster.heartbeat(await _body_json(request), time.monotonic())
+    return json_response({"node_id": member.node_id})
+
+
+async def segment_file(request: web.Request) -> web.StreamResponse:
+    """A segment file of a package, for nodes that lack it (names checked against the manifest)."""
+    coordinator = _c(request)
+    name, version, file = (request.match_info[k] for k in ("model", "version", "file"))
+    entry = coordinator.entry(name)
+    if version != str(entry.package.version):
+        raise ModelNotFound(f"model {name} version {version} is not in the repository")
+    allowed = {f for s in entry.manifest.segments for f in [s.file, *s.external_data]}
+    if file not in allowed:
+        raise ModelNotFound(f"{file} is not a file of {name} version {version}")
+    return web.FileResponse(entry.package.folder / file)
+
+
+def _model_routes(prefix: str) -> list[web.RouteDef]:
+    return [
+        web.get(prefix, model_metadata),
+        web.get(prefix + "/ready", model_ready),
+        web.get(prefix + "/config", model_config),
+        web.post(prefix + "/infer", infer),
+    ]
+
+
+def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
+    coordinator = Coordinator(config)
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app[COORDINATOR] = coordinator
+    app.add_routes(
+        [
+            web.get("/v2", server_metadata),
+            web.get("/v2/health/live", health_live),
+            web.get("/v2/health/ready", health_ready),
+            *_model_routes("/v2/models/{model}"),
+            *_model_routes("/v2/models/{model}/versions/{version}"),
+            web.post("/v2/repository/index", repository_index),
+            web.post("/v2/repository/models/{model}/load", repository_load),
+            web.post("/v2/repository/models/{model}/unload", repository_unload),
+            web.get("/v2/cluster", cluster),
+            web.get("/metrics", metrics),
+            web.post("/internal/join", join),
+            web.post("/internal/heartbeat", heartbeat),
+            web.get("/internal/files/{model}/{version}/{file}", segment_file),
+        ]
+    )
+
+    async def start(app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        coordinator.session = aiohttp.ClientSession(connector=connector)
+        m = coordinator.metrics
+        coordinator.hops = HopClient(
+            coordinator.session,
+            HopSettings(min_attempt_s=config.min_attempt_s),
+            on_attempt=lambda url: m.hop_attempts.labels(url).inc(),
+            on_retry=lambda url: m.retries.labels(url).inc(),
+            on_eject=lambda url: m.ejections.labels(url).inc(),
+        )
+        coordinator.restore_placements()
+        coordinator._tasks.append(
+            asyncio.get_running_loop().create_task(coordinator.reconcile_forever())
+        )
+
+    async def stop(app: web.Application) -> None:
+        for task in coordinator._tasks:
+            task.cancel()
+        if coordinator.session is not None:
+            await coordinator.session.close()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    return app

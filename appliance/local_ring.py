@@ -1,0 +1,171 @@
+"""``appliance serve``: a coordinator and N local node processes on loopback, one command.
+
+Each node gets 1/N of the memory budget and of the cores (onnxruntime threads), its own cache
+folder and a stable id; the demo model (or the given one) is placed as K spans with R replicas.
+Ctrl-C or SIGTERM stops the nodes, then the coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from aiohttp import web
+
+from appliance.config import CoordinatorConfig
+from appliance.coordinator_server import COORDINATOR, build_coordinator_app
+from appliance.errors import ConfigError
+from appliance.node_server import start_app
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalRing:
+    nodes: int = 2
+    stages: int = 2
+    replicas: int = 1
+    model: str = "demo"
+    node_log_level: str = "warning"
+
+
+def node_command(
+    index: int, coordinator_url: str, work: Path, threads: int, budget: int, log_level: str
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "appliance.cli",
+        "node",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--join",
+        coordinator_url,
+        "--node-id",
+        f"local-{index}",
+        "--model-repo",
+        str(work / f"node-{index}"),
+        "--intra-op-threads",
+        str(threads),
+        "--memory-budget",
+        str(budget),
+        "--log-level",
+        log_level,
+    ]
+
+
+async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path) -> int:
+    if ring.nodes < 1:
+        raise ConfigError(f"--nodes must be at least 1, got {ring.nodes}")
+    app = build_coordinator_app(config)
+    runner, port = await start_app(app, config.host, config.port)
+    url = f"http://{config.host}:{port}"
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // ring.nodes)
+    budget = psutil.virtual_memory().available // ring.nodes
+    processes = [
+        # stdout is the coordinator's: its one "listening on" line is what scripts read
+        subprocess.Popen(
+            node_command(i, url, work, threads, budget, ring.node_log_level),
+            stdout=subprocess.DEVNULL,
+        )
+        for i in range(ring.nodes)
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        coordinator = app[COORDINATOR]
+        await _wait_for_members(coordinator.cluster, ring.nodes, processes, stop)
+        if stop.is_set():
+            return 0
+        placement = await coordinator.load(ring.model, ring.stages, ring.replicas)
+        spans = ", ".join(
+            f"segments {s.first}-{s.last} on {'+'.join(s.replicas)}" for s in placement.spans
+        )
+        log.info("%s placed: %s", ring.model, spans)
+        print(
+            f"appliance listening on {url} (coordinator + {ring.nodes} nodes; {spans})", flush=True
+        )
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+            dead = [p.pid for p in processes if p.poll() is not None]
+            if dead and not stop.is_set():
+                log.warning("node process(es) %s exited", dead)
+                processes = [p for p in processes if p.poll() is None]
+        return 0
+    finally:
+        log.info("stopping %d node(s) and the coordinator", len(processes))
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        await runner.cleanup()
+
+
+async def _wait_for_members(
+    cluster: object,
+    count: int,
+    processes: list[subprocess.Popen[bytes]],
+    stop: asyncio.Event,
+    timeout_s: float = 120,
+) -> None:
+    from appliance.cluster import Cluster
+
+    assert isinstance(cluster, Cluster)
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and not stop.is_set():
+        if len(cluster.live(time.monotonic())) >= count:
+            return
+        failed = [p.args for p in processes if p.poll() is not None]
+        if failed:
+            raise ConfigError(f"a node process exited while starting: {failed[0]!r}")
+        await asyncio.sleep(0.1)
+    if not stop.is_set():
+        raise ConfigError(
+            f"only {len(cluster.live(time.monotonic()))} of {count} nodes joined "
+            f"within {timeout_s:.0f}s"
+        )
+
+
+async def run_coordinator(config: CoordinatorConfig) -> int:
+    app = build_coordinator_app(config)
+    runner, port = await start_app(app, config.host, config.port)
+    print(f"appliance coordinator listening on http://{config.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if config.models:
+        loop.create_task(_place_when_joined(app, config))
+    await stop.wait()
+    await runner.cleanup()
+    return 0
+
+
+async def _place_when_joined(app: web.Application, config: CoordinatorConfig) -> None:
+    coordinator = app[COORDINATOR]
+    for name in config.models:
+        while name not in coordinator.placements:
+            if coordinator.cluster.live(time.monotonic()):
+                try:
+                    await coordinator.load(name, None, None)
+                    break
+                except Exception as exc:  # retried: nodes may still be joining
+                    log.warning("placing %s failed (%s); retrying", name, exc)
+            await asyncio.sleep(2)

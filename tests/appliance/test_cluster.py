@@ -1,0 +1,82 @@
+"""Membership and routes over plain data (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.cluster import Cluster
+from appliance.errors import BadRequest, MemberConflict, NoLiveReplica, NotMember
+from appliance.placement import Placement, SpanAssignment
+
+
+def node(
+    node_id: str, spans: list[tuple[int, int]], digest: str = "d1", incarnation: str = "i1"
+) -> dict:  # type: ignore[type-arg]
+    return {
+        "node_id": node_id,
+        "incarnation": incarnation,
+        "address": f"http://{node_id}:9100",
+        "memory_budget": 10**9,
+        "device": "cpu",
+        "spans": [
+            {"model": "m", "version": "1", "digest": digest, "first": a, "last": b}
+            for a, b in spans
+        ],
+    }
+
+
+def test_join_heartbeat_and_silence() -> None:
+    cluster = Cluster(node_timeout_s=3)
+    cluster.join(node("a", []), now=0)
+    cluster.join(node("b", []), now=0)
+    assert [m.node_id for m in cluster.live(1)] == ["a", "b"]
+    cluster.heartbeat(node("a", [(0, 1)]), now=2.5)
+    assert [m.node_id for m in cluster.live(4)] == ["a"]  # b silent for more than 3 s
+    with pytest.raises(NotMember, match="join again"):
+        cluster.heartbeat(node("c", []), now=5)
+    with pytest.raises(NotMember):
+        cluster.heartbeat(node("a", [], incarnation="other"), now=5)
+    with pytest.raises(BadRequest, match="node_id"):
+        cluster.join({"address": "x"}, now=5)
+
+
+def test_a_second_live_node_with_the_same_id_is_refused_a_restarted_one_replaces() -> None:
+    cluster = Cluster()
+    cluster.join(node("a", [(0, 1)]), now=0)
+    with pytest.raises(MemberConflict, match="already live"):
+        cluster.join(node("a", [], incarnation="i2"), now=1, old_is_alive=True)
+    member = cluster.join(node("a", [], incarnation="i2"), now=1, old_is_alive=False)
+    assert member.incarnation == "i2" and member.ring_index == 0 and member.spans == []
+
+
+def test_route_follows_the_placement_and_skips_dead_and_other_bytes() -> None:
+    cluster = Cluster(node_timeout_s=3)
+    cluster.join(node("a", [(0, 1)]), now=0)
+    cluster.join(node("b", [(0, 1)], digest="other"), now=0)  # another version
+    cluster.join(node("c", [(2, 3)]), now=0)
+    cluster.join(node("d", [(2, 3)]), now=0)
+    placement = Placement(
+        1, (SpanAssignment(0, 0, 1, 10, ("a", "b")), SpanAssignment(1, 2, 3, 10, ("d", "c")))
+    )
+    route = cluster.route("m", "d1", 4, placement, now=1)
+    assert [(s.first, s.last) for s in route] == [(0, 1), (2, 3)]
+    assert route[0].replicas == ("http://a:9100",)  # b holds other bytes: never routed
+    assert route[1].replicas == ("http://d:9100", "http://c:9100")  # placement order
+    cluster.heartbeat(node("a", [(0, 1)]), now=3.5)
+    cluster.heartbeat(node("c", [(2, 3)]), now=3.5)
+    assert cluster.route("m", "d1", 4, placement, now=4)[1].replicas == ("http://c:9100",)
+    with pytest.raises(NoLiveReplica, match="segments 0-1"):
+        cluster.route("m", "d1", 4, placement, now=7)
+
+
+def test_without_a_placement_the_route_is_read_from_what_nodes_hold() -> None:
+    cluster = Cluster()
+    cluster.join(node("a", [(0, 2)]), now=0)
+    cluster.join(node("b", [(3, 5)]), now=0)
+    route = cluster.route("m", "d1", 6, None, now=1)
+    assert [(s.first, s.last, s.replicas) for s in route] == [
+        (0, 2, ("http://a:9100",)),
+        (3, 5, ("http://b:9100",)),
+    ]
+    with pytest.raises(NoLiveReplica, match="from segment 6"):
+        cluster.route("m", "d1", 7, None, now=1)
