@@ -64,13 +64,18 @@ class HopClient:
         return ejection is not None and ejection.until > time.monotonic()
 
     def eject(self, url: str, why: str) -> None:
+        """Keep ``url`` out of routes for a while; each failure after a readmission doubles it
+        (failures of calls already in flight when it was ejected do not count again)."""
+        now = time.monotonic()
         previous = self.ejected.get(url)
+        if previous is not None and previous.until > now:
+            return
         backoff = (
             self.settings.eject_s
             if previous is None
             else min(previous.backoff_s * 2, self.settings.max_eject_s)
         )
-        self.ejected[url] = _Ejection(time.monotonic() + backoff, backoff)
+        self.ejected[url] = _Ejection(now + backoff, backoff)
         log.warning("ejected %s for %.1fs: %s", url, backoff, why)
         self._on_eject(url)
 
