@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.demo_model import build_demo_model
 from exporter.export import export_model
-from tests.integration.ring import Ring, http
+from bench.harness import Ring, http
 
 SMALL = {"blocks": 6, "hidden": 64, "heads": 4, "ffn": 256, "vocab": 300}
 

@@ -1,4 +1,4 @@
-"""Real coordinator and node processes on loopback for the ring's integration tests."""
+"""Real coordinator and node processes on loopback (ring integration tests, bench/ring.py)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def free_port() -> int:
 
 
 def _start(args: list[str], log: Path) -> tuple[subprocess.Popen[str], str]:
+    log.parent.mkdir(parents=True, exist_ok=True)
     handle = open(log, "a")  # noqa: SIM115 - the process owns it until it exits
     process = subprocess.Popen(
         [sys.executable, "-m", "appliance.cli", *args],
@@ -95,7 +96,7 @@ class Ring:
             self.work / "coordinator.log",
         )
 
-    def start_node(self, node_id: str, *extra: str) -> str:
+    def start_node(self, node_id: str, *extra: str, threads: int = 1) -> str:
         process, url = _start(
             [
                 "node",
@@ -108,7 +109,7 @@ class Ring:
                 "--model-repo",
                 str(self.work / node_id),
                 "--intra-op-threads",
-                "1",
+                str(threads),
                 "--heartbeat-interval-s",
                 "0.3",
                 "--min-attempt-s",
