@@ -18,9 +18,9 @@ import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.harness import Ring, http
 from exporter.demo_model import build_demo_model
 from exporter.export import export_model
-from bench.harness import Ring, http
 
 SMALL = {"blocks": 6, "hidden": 64, "heads": 4, "ffn": 256, "vocab": 300}
 
