@@ -223,6 +223,10 @@ class CoordinatorConfig:
     request_timeout_s: float = field(
         default=30.0, metadata={"help": "deadline of a request without a timeout parameter"}
     )
+    replace_after_s: float = field(
+        default=60.0,
+        metadata={"help": "a node gone this long has its spans placed elsewhere (0: never)"},
+    )
     load_timeout_s: float = field(
         default=300.0, metadata={"help": "how long a repository load may take before 503"}
     )

@@ -112,6 +112,13 @@ class CoordinatorMetrics:
         self.members = Gauge(
             "appliance_ring_members", "ring members by health", ["health"], registry=r
         )
+        self.hop_latency = Histogram(
+            "appliance_hop_seconds",
+            "first hop to its answer (the rest of the chain included)",
+            ["node"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
 
 class Coordinator:
@@ -128,6 +135,8 @@ class Coordinator:
         self.session: aiohttp.ClientSession | None = None
         self.hops: HopClient | None = None
         self._loading: set[tuple[str, str, int, int]] = set()
+        self._replacing: set[str] = set()
+        self._started = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- models ---------------------------------------------------------------------------
@@ -306,6 +315,34 @@ class Coordinator:
                         )
                         self._tasks.append(task)
             self._tasks = [t for t in self._tasks if not t.done()]
+            await self._replace_lost_nodes(now)
+
+    async def _replace_lost_nodes(self, now: float) -> None:
+        """A node gone longer than replace_after_s gives its spans to live nodes: the model is
+        placed again (the replicas still serving keep serving until the new ones are warm)."""
+        grace = self.config.replace_after_s
+        if grace <= 0:
+            return
+        for name, placement in list(self.placements.items()):
+            lost = []
+            for span in placement.spans:
+                for node in span.replicas:
+                    member = self.cluster.members.get(node)
+                    seen = member.last_seen if member is not None else self._started
+                    if now - seen > grace:
+                        lost.append(node)
+            if not lost or name in self._replacing:
+                continue
+            self._replacing.add(name)
+            try:
+                log.warning(
+                    "nodes %s gone for over %.0fs: placing %s again", ", ".join(lost), grace, name
+                )
+                await self.load(name, len(placement.spans), len(placement.spans[0].replicas))
+            except Exception as exc:  # retried on the next pass
+                log.warning("placing %s again failed: %s", name, exc)
+            finally:
+                self._replacing.discard(name)
 
     async def _reload(self, member: Member, entry: ModelEntry, first: int, last: int) -> None:
         try:
@@ -650,6 +687,7 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
             on_attempt=lambda url: m.hop_attempts.labels(url).inc(),
             on_retry=lambda url: m.retries.labels(url).inc(),
             on_eject=lambda url: m.ejections.labels(url).inc(),
+            on_success=lambda url, seconds: m.hop_latency.labels(url).observe(seconds),
         )
         coordinator.restore_placements()
         coordinator._tasks.append(

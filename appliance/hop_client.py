@@ -48,6 +48,7 @@ class HopClient:
         on_attempt: Callable[[str], None] | None = None,
         on_retry: Callable[[str], None] | None = None,
         on_eject: Callable[[str], None] | None = None,
+        on_success: Callable[[str, float], None] | None = None,
         seed: int | None = None,
     ) -> None:
         self.session = session
@@ -58,6 +59,7 @@ class HopClient:
         self._on_attempt = on_attempt or (lambda _: None)
         self._on_retry = on_retry or (lambda _: None)
         self._on_eject = on_eject or (lambda _: None)
+        self._on_success = on_success or (lambda _url, _seconds: None)
 
     def is_ejected(self, url: str) -> bool:
         ejection = self.ejected.get(url)
@@ -129,7 +131,9 @@ class HopClient:
             finally:
                 replica.outstanding -= 1
             if status == 200:
-                record_latency(replica, time.perf_counter() - started)
+                took = time.perf_counter() - started
+                record_latency(replica, took)
+                self._on_success(url, took)
                 self.ejected.pop(url, None)
                 return payload, int(length) if length is not None else None
             message = _error_text(payload, status)

@@ -76,7 +76,7 @@ class Ring:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.coordinator_port}"
 
-    def start_coordinator(self) -> None:
+    def start_coordinator(self, *extra: str) -> None:
         self.coordinator, _ = _start(
             [
                 "coordinator",
@@ -92,6 +92,7 @@ class Ring:
                 "0.5",
                 "--log-level",
                 "info",
+                *extra,
             ],
             self.work / "coordinator.log",
         )

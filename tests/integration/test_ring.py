@@ -215,3 +215,31 @@ def test_a_restarted_coordinator_gets_its_nodes_and_placement_back(ring: Ring) -
     assert view["placements"]["demo"] == placement
     ids = np.arange(10, dtype=np.int64).reshape(2, 5)
     np.testing.assert_allclose(ring.infer("demo", ids), reference(ids), atol=1e-5)
+
+
+def test_a_node_gone_past_the_grace_period_has_its_span_placed_elsewhere(tmp_path: Path) -> None:
+    ring = Ring(tmp_path, make_repo(tmp_path / "repo"))
+    ring.start_coordinator("--replace-after-s", "2")
+    try:
+        for node in ("a", "b", "c"):
+            ring.start_node(node)
+        ring.wait_members(3)
+        ring.load("demo", stages=2, replicas=1)
+        ring.wait_ready()
+        before = http("GET", ring.url + "/v2/cluster")[1]["placements"]["demo"]
+        lost = before["spans"][0]["replicas"][0]
+        ring.kill(lost)
+        deadline = time.monotonic() + 30
+        after = before
+        while time.monotonic() < deadline:
+            after = http("GET", ring.url + "/v2/cluster")[1]["placements"]["demo"]
+            if after["version"] > before["version"]:
+                break
+            time.sleep(0.3)
+        assert after["version"] > before["version"]
+        assert lost not in {r for s in after["spans"] for r in s["replicas"]}
+        ring.wait_ready()
+        ids = np.arange(8, dtype=np.int64).reshape(1, 8)
+        np.testing.assert_allclose(ring.infer("demo", ids), reference(ids), atol=1e-5)
+    finally:
+        ring.stop()
