@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import resource
 import tempfile
 import time
 from collections.abc import Iterator
@@ -67,7 +68,8 @@ class _Step:
             print(f"{what} ...", end="", file=self.out, flush=True)
         yield
         took = time.perf_counter() - started
-        log.info("%s done in %.1fs", what, took)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        log.info("%s done in %.1fs (peak RSS so far %.0f MiB)", what, took, peak)
         if self.out is not None:
             print(f" {took:.1f}s", file=self.out, flush=True)
 
@@ -220,42 +222,56 @@ def _convert(
     source: str | Path | onnx.ModelProto, work: Path, task: str | None, opset: int
 ) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]] | None, str]:
     from exporter.convert import convert, sample_inputs_for
+    from exporter.isolated import convert_isolated
 
     if isinstance(source, onnx.ModelProto):
         path = work / "whole.onnx"
         onnx.save_model(source, str(path))
         return path, sample_inputs_for(source), None, "builtin:model"
-    converted = convert(str(source), work / "convert", task=task, opset=opset)
+    if Path(str(source)).suffix.lower() == ".onnx":
+        converted = convert(str(source), work / "convert", task=task, opset=opset)
+    else:  # torch sources: their memory goes back to the OS with the child process
+        converted = convert_isolated(str(source), work / "isolated", task, opset)
     return converted.onnx_path, converted.samples, converted.reference, converted.source
 
 
 def _cut(
     onnx_path: Path, work: Path, samples: list[dict[str, Any]], min_bytes: int, slack: float
 ) -> tuple[list[SegmentPlan], list[Path], list[str]]:
-    """Plan the segments and save each as its own file; the whole model is freed after."""
-    model = infer_shapes(onnx.load(str(fold_constants(onnx_path, work))))
+    """Plan the segments and save each as its own file.
+
+    Only the graph is loaded (the folded weights stay in their external file): probes run from
+    that file, and each segment loads just the weights it reads, so memory stays near one copy.
+    """
+    folded = fold_constants(onnx_path, work)
+    folder = folded.parent
+    model = infer_shapes(onnx.load(str(folded), load_external_data=False))
     facts = analyse(model)
     crossing_anywhere = sorted({n for b in boundaries(facts) for n in b.frontier})
     largest = max(samples, key=lambda s: sum(np.asarray(v).size for v in s.values()))
-    facts.tensor_bytes.update(measure_bytes(model, crossing_anywhere, largest))
+    facts.tensor_bytes.update(measure_bytes(model, crossing_anywhere, largest, folder))
     cuts = [b.position for b in candidates(boundaries(facts), slack)]
     plans = plan_segments(facts, cuts, min_bytes)
     crossing = sorted({n for p in plans[1:] for n in p.inputs})
     missing = untyped(model, crossing)
     if missing:
-        model = type_by_running(model, missing, samples[0])
+        model = type_by_running(model, missing, samples[0], folder)
         facts = analyse(model)
         plans = plan_segments(facts, cuts, min_bytes)
     paths = []
     segment_dir = work / "segments"
     segment_dir.mkdir()
     for k, plan in enumerate(plans):
-        segment = build_segment(model, facts, plan)
-        onnx.checker.check_model(segment)
+        staged = folder / f"staged-{k}.onnx"  # beside the weights its references point into
+        onnx.save_model(build_segment(model, facts, plan), str(staged))
+        segment = onnx.load(str(staged))  # reads this segment's weights only
+        staged.unlink()
         path = segment_dir / f"segment-{k}.onnx"
-        onnx.save_model(segment, str(path), save_as_external_data=segment.ByteSize() > 2**31 - 1)
-        paths.append(path)
+        big = segment.ByteSize() > 2**31 - 1
+        onnx.save_model(segment, str(path), save_as_external_data=big)
         del segment
+        onnx.checker.check_model(str(path))
+        paths.append(path)
     outputs = list(facts.outputs)
     del model, facts
     gc.collect()

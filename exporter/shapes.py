@@ -8,6 +8,7 @@ sample, with every dim kept symbolic (the sample's sizes say nothing about which
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,24 @@ from onnx import helper
 from exporter.errors import ExportError
 
 log = logging.getLogger(__name__)
+
+EXTERNAL_DATA = "folded.onnx.data"
+
+
+def _session(
+    probe: onnx.ModelProto, folder: Path | None, options: ort.SessionOptions | None = None
+) -> ort.InferenceSession:
+    """A session of ``probe``; with ``folder``, the probe is a graph whose weights lie in an
+    external data file there, and only the session (not a serialised copy) holds them."""
+    providers = ["CPUExecutionProvider"]
+    if folder is None:
+        return ort.InferenceSession(probe.SerializeToString(), options, providers=providers)
+    path = folder / f"probe-{uuid.uuid4().hex[:8]}.onnx"
+    onnx.save_model(probe, str(path))
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -42,7 +61,10 @@ def untyped(model: onnx.ModelProto, names: list[str]) -> list[str]:
 
 
 def type_by_running(
-    model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray]
+    model: onnx.ModelProto,
+    names: list[str],
+    feeds: dict[str, np.ndarray],
+    folder: Path | None = None,
 ) -> onnx.ModelProto:
     """Add value_info for ``names`` from their dtype and rank in one run on ``feeds``."""
     if not names:
@@ -54,10 +76,7 @@ def type_by_running(
         if name not in existing:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
     try:
-        session = ort.InferenceSession(
-            probe.SerializeToString(), providers=["CPUExecutionProvider"]
-        )
-        values = session.run(names, feeds)
+        values = _session(probe, folder).run(names, feeds)
     except Exception as exc:  # onnxruntime's errors are untyped
         raise ExportError(
             f"cannot type tensors {', '.join(names)} by running the model: {exc}"
@@ -77,7 +96,10 @@ def type_by_running(
 
 
 def measure_bytes(
-    model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray]
+    model: onnx.ModelProto,
+    names: list[str],
+    feeds: dict[str, np.ndarray],
+    folder: Path | None = None,
 ) -> dict[str, int]:
     """Real sizes of ``names`` in one run on ``feeds``.
 
@@ -99,9 +121,7 @@ def measure_bytes(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(
-            probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        session = _session(probe, folder, options)
         values = session.run(wanted, {k: v for k, v in feeds.items() if k in inputs})
     except Exception as exc:  # onnxruntime's errors are untyped
         log.warning("could not measure frontier tensors by a run (%s); using estimates", exc)
@@ -114,32 +134,32 @@ def measure_bytes(
 
 def fold_constants(path: Path, work: Path) -> Path:
     """The model with constant subgraphs folded and identities removed (onnxruntime's basic
-    level: standard ONNX ops only, semantics preserved).
+    level: standard ONNX ops only, semantics preserved), its weights in ``folded.onnx.data``.
 
     Exporters leave weights behind Identity nodes (tied embeddings) and Constant chains; unfolded,
     such a weight looks like an activation made early and read late, and would be passed along
-    every cut instead of being copied into the segment that reads it.
+    every cut instead of being copied into the segment that reads it. Keeping the weights in an
+    external file lets the cutter load the graph alone and each segment its own weights.
     """
     target = work / "folded.onnx"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(target)
     options.log_severity_level = 3
-    if path.stat().st_size > 2**31 - 2**27 or _has_external_data(path):
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_file_name", "folded.onnx.data"
-        )
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
-        )
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", EXTERNAL_DATA
+    )
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+    )
     try:
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        del session
+        return target
     except Exception as exc:  # onnxruntime's errors are untyped
         log.warning("constant folding failed (%s); cutting the graph as exported", exc)
-        return path
+    model = onnx.load(str(path))
+    onnx.save_model(
+        model, str(target), save_as_external_data=True, location=EXTERNAL_DATA, size_threshold=1024
+    )
     return target
-
-
-def _has_external_data(path: Path) -> bool:
-    model = onnx.load(str(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
