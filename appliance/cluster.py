@@ -36,6 +36,7 @@ class Member:
     load: dict[str, Any] = field(default_factory=dict)
     last_seen: float = 0.0
     joined_at: float = 0.0
+    generation: int = 0  # the node's count of loads and unloads when it reported its spans
 
     def holds(self, model: str, digest: str, first: int, last: int) -> bool:
         return any(
@@ -98,6 +99,7 @@ def parse_member(raw: Any, now: float, ring_index: int) -> Member:
             load=dict(raw.get("load", {})),
             last_seen=now,
             joined_at=now,
+            generation=int(raw.get("generation", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadRequest(
@@ -146,6 +148,9 @@ class Cluster:
             raise NotMember(f"node {raw.get('node_id')!r} is not a member (any more): join again")
         updated = parse_member(raw, now, existing.ring_index)
         updated.joined_at = existing.joined_at
+        if updated.generation < existing.generation:
+            # built before a load the coordinator has already heard of: keep the newer spans
+            updated.spans, updated.generation = existing.spans, existing.generation
         self.members[updated.node_id] = updated
         return updated
 
@@ -172,6 +177,14 @@ class Cluster:
         route = []
         for first, last, preferred in spans:
             holders = [m for m in live if m.holds(model, digest, first, last)]
+            if not holders:
+                # Heartbeats can lag behind a saturated coordinator: a silent holder is worth a
+                # try (the hop fails fast if it is really gone) rather than a certain 503.
+                holders = [
+                    m
+                    for m in self.members.values()
+                    if m.address not in exclude and m.holds(model, digest, first, last)
+                ]
             order = {node: i for i, node in enumerate(preferred)}
             holders.sort(key=lambda m: (order.get(m.node_id, len(order)), m.ring_index))
             if not holders:

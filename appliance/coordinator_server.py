@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from appliance.body import read_body
-from appliance.cluster import Cluster, Member
+from appliance.cluster import Cluster, HeldSpan, Member
 from appliance.config import CoordinatorConfig
 from appliance.errors import BadRequest, NoLiveReplica
 from appliance.hop_client import HopClient, HopSettings
@@ -238,28 +238,26 @@ class Coordinator:
                         f"node {member.node_id} could not load {entry.package.name} segments "
                         f"{first}-{last}: {response.status} {await response.text()}"
                     )
+                answer = await response.json()
         except aiohttp.ClientError as exc:
             raise ModelNotReady(f"node {member.node_id} unreachable while loading: {exc}") from exc
         finally:
             self._loading.discard(key)
-        # count it as held now, before the next heartbeat says so
-        from appliance.cluster import HeldSpan
-
-        member.spans = [
+        # count it as held now, before the next heartbeat says so (heartbeats replace the
+        # member record: update the one that is current, if it is still that incarnation)
+        current = self.cluster.members.get(member.node_id)
+        if current is None or current.incarnation != member.incarnation:
+            return
+        name = entry.package.name
+        current.spans = [
             s
-            for s in member.spans
-            if not (s.model == entry.package.name and s.first == first and s.last == last)
+            for s in current.spans
+            if not (s.model == name and s.first == first and s.last == last)
         ]
-        member.spans.append(
-            HeldSpan(
-                entry.package.name,
-                str(entry.package.version),
-                entry.package.digest,
-                first,
-                last,
-                True,
-            )
+        current.spans.append(
+            HeldSpan(name, str(entry.package.version), entry.package.digest, first, last, True)
         )
+        current.generation = max(current.generation, int(answer.get("generation", 0)))
 
     async def _unload_outside(self, name: str, placement: Placement, live: list[Member]) -> None:
         assert self.session is not None

@@ -24,11 +24,12 @@ from typing import Any
 DEFAULT_OVERHEAD = 1.15
 DEFAULT_FIXED_OVERHEAD = 150 * 2**20
 
-# Search effort caps, in expanded states, per `place` call (about 10 us each). Exact far beyond
-# the tested sizes; past them the search stops deterministically and falls back to a greedy
-# packing and to the best assignment found so far, so a large ring still gets a valid placement.
-_SEARCH_STEPS = 100_000
-_REFINE_STEPS = 5_000
+# Search effort caps, in expanded states (a few us each). Exact far beyond the tested sizes; past
+# them the search stops deterministically and falls back to a greedy packing and to the best
+# assignment found so far, so a large ring still gets a valid placement in well under a second.
+_SEARCH_STEPS = 150_000  # all feasibility checks of one `place` call together
+_CHECK_STEPS = 25_000  # one check, so one hard proof cannot starve the next span count
+_REFINE_STEPS = 5_000  # the tie-breaking branch and bound
 
 
 class PlacementError(Exception):
@@ -206,6 +207,8 @@ class _OutOfSteps(Exception):
 
 
 class _Planner:
+    """One `place` call's data, precomputed sizes and search budget."""
+
     def __init__(
         self,
         sizes: list[int],
@@ -233,7 +236,7 @@ class _Planner:
         self.rest_need = [
             math.ceil(overhead * (self.total - self.prefix[i])) for i in range(self.n)
         ]
-        self.steps = _SEARCH_STEPS  # shared by every exact search of this call
+        self.steps = _SEARCH_STEPS
         # A span needs r distinct nodes with room, so its need is at most the r-th largest budget.
         self.rth_budget = sorted(self.budgets, reverse=True)[replicas - 1]
         self.t_cap = self._largest_fitting(self.rth_budget)
@@ -333,15 +336,21 @@ class _Planner:
 
     # -- greedy packing: the quick check before the exact search, and the error diagnosis --
 
-    def greedy(self, spans: list[tuple[int, int]]) -> tuple[list[_Span] | None, _Miss | None]:
-        """Largest span first, best fit. Returns the placement, or the first span that missed."""
+    def greedy(
+        self, spans: list[tuple[int, int]], worst_fit: bool = False
+    ) -> tuple[list[_Span] | None, _Miss | None]:
+        """Largest span first, best fit (or worst fit: spreads replicas). Returns the placement,
+        or the first span that missed."""
         free = list(self.budgets)
         chosen: dict[int, tuple[int, ...]] = {}
         order = sorted(range(len(spans)), key=lambda s: (-self.bytes(*spans[s]), s))
         for s in order:
             first, last = spans[s]
             need = self.need(self.bytes(first, last))
-            fits = sorted((p for p in range(self.m) if free[p] >= need), key=lambda p: (free[p], p))
+            fits = sorted(
+                (p for p in range(self.m) if free[p] >= need),
+                key=lambda p: (-free[p] if worst_fit else free[p], p),
+            )
             if len(fits) < self.r:
                 return None, _Miss(s, first, last, need, tuple(fits), tuple(free))
             for p in fits[: self.r]:
@@ -357,15 +366,20 @@ class _Planner:
         if split is None:
             return None, search
         # Greedy first, on this split and on the most even one: cheap, and usually enough.
-        for attempt in (split, self.split(self.even_max(k), k)):
-            found, _ = self.greedy(attempt) if attempt is not None else (None, None)
+        even = self.split(self.even_max(k), k)
+        for attempt, worst_fit in itertools.product((split, even), (False, True)):
+            found, _ = self.greedy(attempt, worst_fit) if attempt is not None else (None, None)
             if found is not None and max(self.bytes(a, b) for a, b, _ in found) <= t:
                 return found, search
+        search.steps = min(self.steps, _CHECK_STEPS)
+        allowed = search.steps
         try:
             if search.reach(0, k, tuple(sorted(self.budgets))):
                 return search.witness(), search
         except _OutOfSteps:
             pass  # unknown: treated as no, so the binary search settles on a larger size
+        finally:
+            self.steps -= allowed - max(search.steps, 0)
         return None, search
 
     def solve(self, stages: int | None) -> list[_Span] | None:
@@ -518,6 +532,7 @@ class _Search:
         self.p = planner
         self.k = k
         self.t = t
+        self.steps = 0
         self.memo: dict[tuple[int, int, tuple[int, ...]], bool] = {}
         self.choice: dict[tuple[int, int, tuple[int, ...]], tuple[int, tuple[int, ...]]] = {}
 
@@ -526,8 +541,8 @@ class _Search:
         known = self.memo.get(key)
         if known is not None:
             return known
-        self.p.steps -= 1
-        if self.p.steps < 0:
+        self.steps -= 1
+        if self.steps < 0:
             raise _OutOfSteps
         ok = self._expand(key)
         self.memo[key] = ok
@@ -593,7 +608,7 @@ class _Refiner:
 
     def run(self) -> list[_Span]:
         p = self.p
-        p.steps = _SEARCH_STEPS  # a fresh allowance for the feasibility checks it prunes with
+        self.search.steps = _CHECK_STEPS  # for the feasibility checks it prunes with
         with contextlib.suppress(_OutOfSteps):  # keep the best found within the effort cap
             self._dfs(0, self.search.k, list(p.budgets), (), [], 0, [0.0] * p.m)
         if self.best is None:
@@ -624,7 +639,7 @@ class _Refiner:
             -bound == self.best_key[0] and max(load) >= self.best_key[1]
         ):
             return
-        successors = {(q + 1) % p.m for q in previous} - set(previous)
+        successors = {(q + 1) % p.m for q in previous if (q + 1) % p.m != q}
         for last in p.ends(self.search.t, first, left):
             span_bytes = p.bytes(first, last)
             need = p.need(span_bytes)

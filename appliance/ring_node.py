@@ -237,6 +237,7 @@ def member_status(app: web.Application) -> dict[str, Any]:
         **identity,
         "device": next((m.runner.device for m in registry.loaded()), "cpu"),
         "spans": spans,
+        "generation": registry.generation,
         "load": {
             "queue_depth": sum(m.batcher.queue_depth for m in registry.loaded()),
             "rss": psutil.Process().memory_info().rss,

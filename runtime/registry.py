@@ -135,6 +135,7 @@ class ModelRegistry:
         self.drain_timeout_s = drain_timeout_s
         self._slots: dict[str, _Slot] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.generation = 0  # counts loads and unloads: tells fresh reports from stale ones
 
     def names(self) -> list[str]:
         return sorted(self._slots)
@@ -218,6 +219,7 @@ class ModelRegistry:
             model.batcher.start()
             old, slot.serving = slot.serving, model
             slot.state, slot.reason = "READY", ""
+            self.generation += 1
             log.info("model %s v%s ready (digest %s)", name, model.version, model.digest)
             if old is not None:
                 asyncio.get_running_loop().create_task(old.batcher.drain(self.drain_timeout_s))
@@ -230,6 +232,7 @@ class ModelRegistry:
                 raise ModelNotFound(f"unknown model {name!r}; models: {', '.join(self.names())}")
             old, slot.serving = slot.serving, None
             slot.state, slot.reason = "UNAVAILABLE", "unloaded"
+            self.generation += 1
             if old is not None:
                 await old.batcher.drain(self.drain_timeout_s)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.cluster import Cluster
+from appliance.cluster import Cluster, HeldSpan
 from appliance.errors import BadRequest, MemberConflict, NoLiveReplica, NotMember
 from appliance.placement import Placement, SpanAssignment
 
@@ -65,8 +65,10 @@ def test_route_follows_the_placement_and_skips_dead_and_other_bytes() -> None:
     cluster.heartbeat(node("a", [(0, 1)]), now=3.5)
     cluster.heartbeat(node("c", [(2, 3)]), now=3.5)
     assert cluster.route("m", "d1", 4, placement, now=4)[1].replicas == ("http://c:9100",)
+    # all holders silent: they are still tried (a lagging heartbeat is not a dead node)
+    assert cluster.route("m", "d1", 4, placement, now=7)[0].replicas == ("http://a:9100",)
     with pytest.raises(NoLiveReplica, match="segments 0-1"):
-        cluster.route("m", "d1", 4, placement, now=7)
+        cluster.route("m", "d1", 4, placement, now=7, exclude=frozenset({"http://a:9100"}))
 
 
 def test_without_a_placement_the_route_is_read_from_what_nodes_hold() -> None:
@@ -80,3 +82,15 @@ def test_without_a_placement_the_route_is_read_from_what_nodes_hold() -> None:
     ]
     with pytest.raises(NoLiveReplica, match="from segment 6"):
         cluster.route("m", "d1", 7, None, now=1)
+
+
+def test_a_heartbeat_built_before_a_load_does_not_erase_the_span_it_loaded() -> None:
+    cluster = Cluster()
+    cluster.join({**node("a", []), "generation": 0}, now=0)
+    member = cluster.members["a"]
+    member.spans.append(HeldSpan("m", "1", "d1", 0, 1))  # the load answered: generation 1
+    member.generation = 1
+    cluster.heartbeat({**node("a", []), "generation": 0}, now=1)  # sent before the load
+    assert cluster.members["a"].holds("m", "d1", 0, 1)
+    cluster.heartbeat({**node("a", []), "generation": 2}, now=2)  # an unload since
+    assert not cluster.members["a"].holds("m", "d1", 0, 1)
