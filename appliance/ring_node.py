@@ -240,6 +240,8 @@ def member_status(app: web.Application) -> dict[str, Any]:
         "generation": registry.generation,
         "load": {
             "queue_depth": sum(m.batcher.queue_depth for m in registry.loaded()),
+            "in_flight": sum(m.batcher.outstanding for m in registry.loaded()),
+            "ewma_latency_s": max((m.stats.ewma_latency_s for m in registry.loaded()), default=0),
             "rss": psutil.Process().memory_info().rss,
         },
     }

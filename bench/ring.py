@@ -190,6 +190,31 @@ def bench_kill(work: Path, repo: Path, count: int = 1000, concurrency: int = 16)
         ring.stop()
 
 
+def bench_unload(work: Path, repo: Path) -> dict[str, Any]:
+    """RSS of a node holding the whole demo model, then after the coordinator unloads it."""
+    ring = Ring(work / "unload", repo)
+    ring.start_coordinator()
+
+    def rss() -> int:
+        time.sleep(1.0)  # a heartbeat or two later
+        nodes = http("GET", ring.url + "/v2/cluster")[1]["nodes"]
+        return int(nodes[0]["load"]["rss"])
+
+    try:
+        ring.start_node("n0", threads=1)
+        ring.wait_members(1)
+        empty = rss()
+        ring.load("demo", stages=1, replicas=1)
+        ring.wait_ready()
+        ring.infer("demo", np.arange(16, dtype=np.int64).reshape(1, 16))
+        loaded = rss()
+        status, _ = http("POST", f"{ring.url}/v2/repository/models/demo/unload")
+        assert status == 200
+        return {"rss_before_load": empty, "rss_loaded": loaded, "rss_after_unload": rss()}
+    finally:
+        ring.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -206,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         hop = bench_hop(work, args.spans, args.hop_requests)
         throughput = bench_throughput(work, repo, args.seconds)
         kill = bench_kill(work, repo)
+        unload = bench_unload(work, repo)
     report = {
         "bench": "ring",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -213,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "hop": hop,
         "throughput": throughput,
         "kill": kill,
+        "unload": unload,
     }
     print(
         f"per extra span (identity spans, [1,16,{HIDDEN}] fp32, concurrency 1): "
@@ -228,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"kill -9 of {kill['killed']} under load: {kill['failed']} failed of "
         f"{kill['requests']} requests (concurrency {kill['concurrency']})"
+    )
+    mib = 2**20
+    print(
+        f"node RSS: {unload['rss_before_load'] / mib:.0f} MiB empty, "
+        f"{unload['rss_loaded'] / mib:.0f} MiB holding the demo model, "
+        f"{unload['rss_after_unload'] / mib:.0f} MiB after unload"
     )
     out = args.out or RESULTS / f"ring-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,11 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def outstanding(self) -> int:
+        """Requests submitted and not yet answered (queued or in the running batch)."""
+        return self._outstanding
+
     def start(self) -> None:
         if self._worker is None:
             self._wakeup = asyncio.Event()
@@ -320,6 +325,7 @@ class DynamicBatcher:
                 item.future.set_exception(_as_runtime_failure(result, self.name))
             return
         self.stats.success.add(elapsed)
+        self.stats.record_latency(elapsed / 1e9)
         self.stats.compute_infer.add(compute_ns)
         if not item.future.done():
             if item.outputs is not None:

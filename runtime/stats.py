@@ -32,6 +32,13 @@ class ModelStats:
     queue: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     batch_sizes: dict[int, Duration] = field(default_factory=dict)
+    ewma_latency_s: float = 0.0  # per request, queue included (what a caller would see)
+
+    def record_latency(self, seconds: float, alpha: float = 0.2) -> None:
+        if self.success.count <= 1:
+            self.ewma_latency_s = seconds
+        else:
+            self.ewma_latency_s = alpha * seconds + (1 - alpha) * self.ewma_latency_s
 
     def record_batch(self, rows: int, compute_ns: int) -> None:
         self.inference_count += rows
