@@ -1,1 +1,1 @@
-"""The LMDB result cache and the durable job store (issue 5; nothing here yet)."""
+"""The LMDB result cache (frequent results, may lose entries) and the durable job store."""
