@@ -239,6 +239,24 @@ class CoordinatorConfig:
     compress_responses: Literal["auto", "always", "never"] = field(
         default="auto", metadata={"help": "as for nodes"}
     )
+    cache_enabled: bool = field(default=True, metadata={"help": "the LMDB result cache"})
+    cache_dir: str = field(default="", metadata={"help": "cache folder (default state_dir/cache)"})
+    cache_max_bytes: int = field(
+        default=512 * 1024 * 1024, metadata={"help": "stored results kept under this many bytes"}
+    )
+    cache_admit_after: int = field(
+        default=2, metadata={"help": "store a result once its input was seen this often (K)"}
+    )
+    cache_ttl_s: float = field(default=0.0, metadata={"help": "entry lifetime (0: until evicted)"})
+    cache_models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "per model: NAME=off or NAME=TTL_SECONDS (e.g. demo=60)"},
+    )
+    jobs_dir: str = field(
+        default="", metadata={"help": "job store folder (default state_dir/jobs)"}
+    )
+    job_workers: int = field(default=4, metadata={"help": "async jobs run at once"})
+    job_ttl_s: float = field(default=3600.0, metadata={"help": "finished jobs are kept this long"})
     log_level: Literal["debug", "info", "warning", "error"] = field(
         default="info", metadata={"help": "logging level"}
     )

@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from appliance.async_jobs import JobRunner
 from appliance.body import read_body
 from appliance.cluster import Cluster, HeldSpan, Member
 from appliance.config import CoordinatorConfig
@@ -45,6 +46,17 @@ from appliance.placement import (
     SpanAssignment,
     place,
 )
+from appliance.request_policy import (
+    CacheControl,
+    model_cache_policies,
+    parse_cache_control,
+    wants_async,
+)
+from cache.errors import JobNotFound
+from cache.job import Job
+from cache.job_store import JobStore
+from cache.keys import cache_key
+from cache.result_cache import CacheSettings, ResultCache
 from runtime.codec import (
     decode_request,
     decode_response,
@@ -58,6 +70,9 @@ from runtime.package import PackageRef, list_repository, open_package
 from runtime.signature import Signature, TensorSpec, validate_inputs, validate_output_names
 
 log = logging.getLogger(__name__)
+
+CACHE_HEADER = "X-Appliance-Cache"
+DEFAULT_CACHE_CONTROL = CacheControl()
 
 
 @dataclass
@@ -112,6 +127,18 @@ class CoordinatorMetrics:
         self.members = Gauge(
             "appliance_ring_members", "ring members by health", ["health"], registry=r
         )
+        self.cache = Counter(
+            "appliance_cache_requests",
+            "requests by cache outcome (hit, miss, bypass)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.cache_state = Gauge(
+            "appliance_cache",
+            "result cache: entries, bytes, hits, misses, evictions, degraded",
+            ["what"],
+            registry=r,
+        )
         self.hop_latency = Histogram(
             "appliance_hop_seconds",
             "first hop to its answer (the rest of the chain included)",
@@ -136,6 +163,11 @@ class Coordinator:
         self.hops: HopClient | None = None
         self._loading: set[tuple[str, str, int, int]] = set()
         self._replacing: set[str] = set()
+        self.cache_policies, self.default_cache_policy = model_cache_policies(
+            config.cache_models, config.cache_ttl_s
+        )
+        self.cache: ResultCache | None = None
+        self.jobs: JobRunner | None = None
         self._started = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -176,8 +208,10 @@ class Coordinator:
     # -- placement and loading ------------------------------------------------------------
 
     async def load(self, name: str, stages: int | None, replicas: int | None) -> Placement:
-        self.models.pop(name, None)  # re-read the package: a new version may have been exported
+        old = self.models.pop(name, None)  # re-read: a new version may have been exported
         entry = self.entry(name)
+        if old is not None and old.package.digest != entry.package.digest and self.cache:
+            self.cache.drop_digest(old.package.digest)  # unreachable already: free the space
         now = time.monotonic()
         live = self.cluster.live(now)
         sizes = {n: e.sizes for n, e in self.models.items()}
@@ -274,7 +308,9 @@ class Coordinator:
                         log.warning("unload on %s failed: %s", member.node_id, exc)
 
     async def unload(self, name: str) -> None:
-        self.entry(name)
+        entry = self.entry(name)
+        if self.cache is not None:
+            self.cache.drop_digest(entry.package.digest)
         self.placements.pop(name, None)
         self._save_placements()
         await self._unload_outside(name, Placement(0, ()), self.cluster.live(time.monotonic()))
@@ -368,46 +404,105 @@ class Coordinator:
     # -- requests -------------------------------------------------------------------------
 
     async def infer(self, request: web.Request, name: str, version: str | None) -> web.Response:
-        entry, placement = self.placed(name)
-        if version is not None:
-            self.entry(name, version)
+        self.placed(name)  # 404 / 503 before reading the body
         body = await read_body(request, self.config.max_body_bytes)
         length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
-        decoded = decode_request(body, length)
-        validate_inputs(entry.signature, decoded.inputs)
-        wanted = [o.name for o in decoded.outputs] if decoded.outputs else None
-        if wanted:
-            validate_output_names(entry.signature, wanted)
-        timeout = deadline_from(decoded.parameters)
-        budget = (timeout - time.monotonic()) if timeout else self.config.request_timeout_s
-        deadline = time.time() + budget
-        route = self.cluster.route(
-            name, entry.package.digest, len(entry.sizes), placement, time.monotonic()
-        )
-        payload, payload_length = encode_request(decoded.inputs)
-        assert self.hops is not None
-        request_id = decoded.id or uuid.uuid4().hex[:16]
-        answer, answer_length = await self.hops.call(
-            route, name, entry.package.digest, request_id, deadline, payload, payload_length
-        )
-        result = decode_response(answer, answer_length)
-        names = wanted or entry.signature.output_names()
-        out, out_length = encode_response(
-            name,
-            str(entry.package.version),
-            decoded.id,
-            [(n, result.outputs[n]) for n in names],
-            [decoded.wants_binary(n) for n in names],
-        )
+        if wants_async(request.headers.get("Prefer")):
+            return await self._submit_job(name, version, body, length)
+        cache_control = parse_cache_control(request.headers.get("Cache-Control"))
+        out, out_length, outcome = await self.infer_body(name, version, body, length, cache_control)
         response = web.Response(
             body=out,
             content_type="application/json" if out_length is None else "application/octet-stream",
         )
+        response.headers[CACHE_HEADER] = outcome
         if out_length is not None:
             response.headers[HEADER_LENGTH] = str(out_length)
         if should_compress(self.config.compress_responses, request, out_length, out):
             response.enable_compression()
         return response
+
+    async def infer_body(
+        self,
+        name: str,
+        version: str | None,
+        body: bytes,
+        length: int | None,
+        cache_control: CacheControl = DEFAULT_CACHE_CONTROL,
+    ) -> tuple[bytes, int | None, str]:
+        """One inference from a v2 body: the cache, else the ring. Returns the answer's body,
+        its header length and the cache outcome (hit, miss or bypass)."""
+        entry, placement = self.placed(name)
+        if version is not None:
+            self.entry(name, version)
+        decoded = decode_request(body, length)
+        validate_inputs(entry.signature, decoded.inputs)
+        wanted = [o.name for o in decoded.outputs] if decoded.outputs else None
+        if wanted:
+            validate_output_names(entry.signature, wanted)
+        names = wanted or entry.signature.output_names()
+        policy = self.cache_policies.get(name, self.default_cache_policy)
+        use_cache = self.cache is not None and policy.enabled
+        key = (
+            cache_key(entry.package.digest, decoded.inputs, wanted)
+            if use_cache and (cache_control.read or cache_control.write)
+            else None
+        )
+        outputs = None
+        if key is not None and cache_control.read and self.cache is not None:
+            outputs = self.cache.get(key)
+        outcome = "hit" if outputs is not None else ("miss" if key is not None else "bypass")
+        self.metrics.cache.labels(name, outcome).inc()
+        if outputs is None:
+            timeout = deadline_from(decoded.parameters)
+            budget = (timeout - time.monotonic()) if timeout else self.config.request_timeout_s
+            deadline = time.time() + budget
+            route = self.cluster.route(
+                name, entry.package.digest, len(entry.sizes), placement, time.monotonic()
+            )
+            payload, payload_length = encode_request(decoded.inputs)
+            assert self.hops is not None
+            request_id = decoded.id or uuid.uuid4().hex[:16]
+            answer, answer_length = await self.hops.call(
+                route, name, entry.package.digest, request_id, deadline, payload, payload_length
+            )
+            outputs = {n: decode_response(answer, answer_length).outputs[n] for n in names}
+            if key is not None and cache_control.write and self.cache is not None:
+                self.cache.offer(key, outputs, policy.ttl_s)
+        out, out_length = encode_response(
+            name,
+            str(entry.package.version),
+            decoded.id,
+            [(n, outputs[n]) for n in names],
+            [decoded.wants_binary(n) for n in names],
+            {"cache": "hit"} if outcome == "hit" else None,
+        )
+        return out, out_length, outcome
+
+    async def _submit_job(
+        self, name: str, version: str | None, body: bytes, length: int | None
+    ) -> web.Response:
+        """Check the request as a sync call would, store it durably, then answer 202."""
+        entry, _ = self.placed(name)
+        if version is not None:
+            self.entry(name, version)
+        decoded = decode_request(body, length)
+        validate_inputs(entry.signature, decoded.inputs)
+        if decoded.outputs:
+            validate_output_names(entry.signature, [o.name for o in decoded.outputs])
+        assert self.jobs is not None
+        job = Job(uuid.uuid4().hex, name, version, "queued", time.time(), None, body, length)
+        await self.jobs.submit(job)
+        response = json_response(job.public(), status=202)
+        response.headers["Location"] = f"/v2/jobs/{job.id}"
+        response.headers["Preference-Applied"] = "respond-async"
+        return response
+
+    async def run_job(self, job: Job) -> tuple[bytes, int | None]:
+        out, out_length, _ = await self.infer_body(
+            job.model, job.version, job.request, job.header_length
+        )
+        return out, out_length
 
     def ready(self) -> tuple[bool, str]:
         if not self.placements:
@@ -572,11 +667,62 @@ async def repository_unload(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+def _jobs(request: web.Request) -> JobRunner:
+    jobs = _c(request).jobs
+    assert jobs is not None
+    return jobs
+
+
+async def job_status(request: web.Request) -> web.Response:
+    """The job; once succeeded, its result in the JSON form of a sync answer."""
+    job = _jobs(request).get(request.match_info["job"])
+    view = job.public()
+    if job.status == "succeeded" and job.result is not None:
+        result = decode_response(job.result, job.result_header_length)
+        payload, _ = encode_response(
+            result.model_name,
+            result.model_version,
+            result.id,
+            list(result.outputs.items()),
+            [False] * len(result.outputs),
+            result.parameters,
+        )
+        view["result"] = orjson.loads(payload)
+    return json_response(view)
+
+
+async def job_result(request: web.Request) -> web.Response:
+    """The answer as the sync call would have sent it (binary outputs stay binary)."""
+    job = _jobs(request).get(request.match_info["job"])
+    if job.status != "succeeded" or job.result is None:
+        raise JobNotFound(f"job {job.id} has no result: it is {job.status}")
+    response = web.Response(
+        body=job.result,
+        content_type="application/json"
+        if job.result_header_length is None
+        else "application/octet-stream",
+    )
+    if job.result_header_length is not None:
+        response.headers[HEADER_LENGTH] = str(job.result_header_length)
+    return response
+
+
+async def job_cancel(request: web.Request) -> web.Response:
+    job = await _jobs(request).cancel(request.match_info["job"])
+    return json_response(job.public())
+
+
 async def cluster(request: web.Request) -> web.Response:
     return json_response(_c(request).cluster_view())
 
 
 async def metrics(request: web.Request) -> web.Response:
+    coordinator = _c(request)
+    if coordinator.cache is not None:
+        stats = coordinator.cache.stats()
+        for what in ("entries", "bytes_stored", "hits", "misses", "evictions", "admitted"):
+            coordinator.metrics.cache_state.labels(what).set(getattr(stats, what))
+        coordinator.metrics.cache_state.labels("degraded").set(1 if stats.degraded else 0)
     return web.Response(
         body=generate_latest(_c(request).metrics.registry),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
@@ -668,6 +814,9 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
             web.post("/v2/repository/models/{model}/load", repository_load),
             web.post("/v2/repository/models/{model}/unload", repository_unload),
             web.get("/v2/cluster", cluster),
+            web.get("/v2/jobs/{job}", job_status),
+            web.get("/v2/jobs/{job}/result", job_result),
+            web.delete("/v2/jobs/{job}", job_cancel),
             web.get("/metrics", metrics),
             web.post("/internal/join", join),
             web.post("/internal/heartbeat", heartbeat),
@@ -688,6 +837,28 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
             on_success=lambda url, seconds: m.hop_latency.labels(url).observe(seconds),
         )
         coordinator.restore_placements()
+        state = coordinator.state_dir
+        if config.cache_enabled:
+            coordinator.cache = ResultCache(
+                CacheSettings(
+                    path=Path(config.cache_dir or state / "cache"),
+                    max_bytes=config.cache_max_bytes,
+                    admit_after=config.cache_admit_after,
+                    ttl_s=config.cache_ttl_s or None,
+                )
+            )
+            coordinator.cache.start()
+            if coordinator.cache.degraded:
+                log.warning("result cache disabled: %s", coordinator.cache.reason)
+        coordinator.jobs = JobRunner(
+            JobStore(Path(config.jobs_dir or state / "jobs"), result_ttl_s=config.job_ttl_s),
+            coordinator.run_job,
+            config.job_workers,
+            config.job_ttl_s,
+            transient=lambda exc: status_of(exc) == 503,
+            retry_window_s=max(config.request_timeout_s * 4, 60.0),
+        )
+        await coordinator.jobs.start()
         coordinator._tasks.append(
             asyncio.get_running_loop().create_task(coordinator.reconcile_forever())
         )
@@ -695,6 +866,10 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
     async def stop(app: web.Application) -> None:
         for task in coordinator._tasks:
             task.cancel()
+        if coordinator.jobs is not None:
+            await coordinator.jobs.close()
+        if coordinator.cache is not None:
+            coordinator.cache.close()
         if coordinator.session is not None:
             await coordinator.session.close()
 

@@ -19,6 +19,7 @@ from appliance.errors import (
     UnsupportedMediaType,
     UpstreamError,
 )
+from cache.errors import JobNotFound
 from runtime.errors import (
     DeadlineExceeded,
     DeviceUnavailable,
@@ -43,6 +44,7 @@ STATUS_OF: list[tuple[type[Exception], int]] = [
     (InvalidRequest, 400),
     (ModelLoadError, 400),  # as Triton answers a failed repository load
     (ModelNotFound, 404),
+    (JobNotFound, 404),
     (NotMember, 404),
     (VersionConflict, 409),
     (DigestMismatch, 409),
