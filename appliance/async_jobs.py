@@ -88,7 +88,12 @@ class JobRunner:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.shield(task)
-            return self.get(job_id, owner)
+            for _ in range(500):  # the worker records "cancelled" right after the task ends
+                job = self.get(job_id, owner)
+                if job.done:
+                    break
+                await asyncio.sleep(0.01)
+            return job
         job.status, job.finished = "cancelled", time.time()
         await self.store.update(job)
         return job
