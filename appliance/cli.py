@@ -11,9 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
+from appliance.app_keys import CONFIG as CONFIG_KEY
 from appliance.config import CoordinatorConfig, NodeConfig, add_config_flags, load_config
 from appliance.errors import ConfigError
 from appliance.logs import configure_logging
+from appliance.sd_notify import notify, start_watchdog
 from runtime.errors import RuntimeFailure
 from runtime.session import conflicting_onnxruntime_installs
 
@@ -47,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--config", type=Path, help="TOML file with CoordinatorConfig keys")
     add_config_flags(coordinator, CoordinatorConfig, {"port": SERVE_PORT})
     _add_export_parser(commands)
+    units = commands.add_parser("install-units", help="write the systemd units for this install")
+    units.add_argument("--prefix", type=Path, default=Path("/etc/systemd/system"))
+    units.add_argument("--user", default="appliance", help="service user (default appliance)")
+    units.add_argument("--state-dir", default="/var/lib/appliance")
+    units.add_argument("--config-dir", default="/etc/appliance")
+    units.add_argument(
+        "--memory-max",
+        default="infinity",
+        help="MemoryMax= of nodes: the memory budget plus headroom, e.g. 12G",
+    )
     node = commands.add_parser("node", help="one appliance node serving --model-repo")
     node.add_argument("--config", type=Path, help="TOML file with NodeConfig keys")
     add_config_flags(node, NodeConfig, {"port": NODE_PORT})
@@ -126,6 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "export":
         return _export(args)
+    if args.command == "install-units":
+        from appliance.units import UnitSettings, install_units
+
+        settings = UnitSettings(args.user, args.state_dir, args.config_dir, args.memory_max)
+        for path in install_units(args.prefix, settings):
+            print(f"wrote {path}")
+        print(
+            "then: systemctl daemon-reload && systemctl enable --now appliance-coordinator "
+            "appliance-node@NAME (config in " + args.config_dir + ")"
+        )
+        return 0
     conflicts = conflicting_onnxruntime_installs()
     if conflicts:
         print(
@@ -186,6 +211,21 @@ async def _serve(config: CoordinatorConfig, nodes: int) -> int:
     return await run_local_ring(config, ring, work)
 
 
+async def _leave(app: Any) -> None:
+    """Tell the coordinator this node is going, so routes skip it before its sockets close."""
+    from appliance.ring_node import IDENTITY, SESSION, coordinator_url
+
+    try:
+        async with app[SESSION].post(
+            coordinator_url(app[CONFIG_KEY].join) + "/internal/leave",
+            json={"node_id": app[IDENTITY]["node_id"], "incarnation": app[IDENTITY]["incarnation"]},
+            timeout=aiohttp.ClientTimeout(total=2),
+        ):
+            pass
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("could not tell the coordinator this node is leaving: %s", exc)
+
+
 async def _run_node(config: NodeConfig) -> int:
     from appliance.node_server import build_node_app, start_app
 
@@ -203,11 +243,16 @@ async def _run_node(config: NodeConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watchdog = start_watchdog()
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
+    notify("STOPPING=1")
+    if watchdog is not None:
+        watchdog.cancel()
     if membership is not None:
-        membership.cancel()
-    await runner.cleanup()
+        membership.cancel()  # no heartbeat may re-announce a node that is leaving
+        await _leave(app)
+    await runner.cleanup()  # stops accepting, lets in-flight requests finish (bounded)
     return 0
 
 

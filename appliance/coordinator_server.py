@@ -777,6 +777,19 @@ async def heartbeat(request: web.Request) -> web.Response:
     return json_response({"node_id": member.node_id})
 
 
+async def leave(request: web.Request) -> web.Response:
+    """A node stopping on purpose: out of routes at once, not after node_timeout_s."""
+    coordinator = _c(request)
+    raw = await _body_json(request)
+    member = (
+        coordinator.cluster.members.get(str(raw.get("node_id"))) if isinstance(raw, dict) else None
+    )
+    if member is not None and member.incarnation == str(raw.get("incarnation")):
+        member.last_seen = -1e9
+        log.info("node %s left", member.node_id)
+    return json_response({"left": member is not None})
+
+
 async def segment_file(request: web.Request) -> web.StreamResponse:
     """A segment file of a package, for nodes that lack it (names checked against the manifest)."""
     coordinator = _c(request)
@@ -820,6 +833,7 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
             web.get("/metrics", metrics),
             web.post("/internal/join", join),
             web.post("/internal/heartbeat", heartbeat),
+            web.post("/internal/leave", leave),
             web.get("/internal/files/{model}/{version}/{file}", segment_file),
         ]
     )

@@ -24,6 +24,7 @@ from appliance.config import CoordinatorConfig
 from appliance.coordinator_server import COORDINATOR, build_coordinator_app
 from appliance.errors import ConfigError
 from appliance.node_server import start_app
+from appliance.sd_notify import notify, start_watchdog
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,9 @@ async def run_coordinator(config: CoordinatorConfig) -> int:
     app = build_coordinator_app(config)
     runner, port = await start_app(app, config.host, config.port)
     print(f"appliance coordinator listening on http://{config.host}:{port}", flush=True)
+    notify(f"STATUS=listening on {config.host}:{port}")
+    notify("READY=1")
+    watchdog = start_watchdog()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -154,6 +158,9 @@ async def run_coordinator(config: CoordinatorConfig) -> int:
     if config.models:
         loop.create_task(_place_when_joined(app, config))
     await stop.wait()
+    notify("STOPPING=1")
+    if watchdog is not None:
+        watchdog.cancel()
     await runner.cleanup()
     return 0
 

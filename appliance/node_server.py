@@ -22,6 +22,7 @@ from appliance.errors import BadRequest
 from appliance.http_errors import error_middleware, status_of
 from appliance.metrics import Metrics
 from appliance.ring_node import add_ring_routes
+from appliance.sd_notify import notify
 from runtime.codec import decode_request, encode_response, parse_header_length
 from runtime.errors import ModelNotFound, RuntimeFailure
 from runtime.package import list_repository
@@ -253,11 +254,15 @@ async def _load_models(app: web.Application) -> None:
     names = config.models or ([] if config.join else sorted(list_repository(registry.repo)))
     if not names and not config.join:
         log.warning("model repository %s holds no model", registry.repo)
-    for name in names:
+    for index, name in enumerate(names, 1):
+        notify(f"STATUS=loading and warming {name} ({index}/{len(names)})")
         try:
             await registry.load(name)
         except RuntimeFailure as exc:
             log.error("model %s not loaded: %s", name, exc)
+    ready = [m.name for m in registry.loaded()]
+    notify(f"STATUS=serving {', '.join(ready) or 'nothing yet'}")
+    notify("READY=1")  # only now: loaded and warmed
 
 
 async def _start_loading(app: web.Application) -> None:
