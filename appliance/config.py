@@ -271,3 +271,36 @@ class CoordinatorConfig:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if self.max_body_bytes < 1:
             raise ConfigError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
+
+
+def settings_markdown() -> str:
+    """docs/settings.md, generated from the config classes (a test keeps the file in step)."""
+    lines = [
+        "# Settings",
+        "",
+        "Every setting is a key of the process's TOML file (`--config FILE`) and a flag of the",
+        "same name (`max_batch_size` = `--max-batch-size`); flags override the file, which",
+        'overrides the defaults. Regenerate: `python -c "from appliance.config import '
+        "settings_markdown; print(settings_markdown(), end='')\" > docs/settings.md`.",
+        "",
+    ]
+    for title, cls in (
+        ("Node (`appliance node`)", NodeConfig),
+        ("Coordinator (`appliance coordinator`, `appliance serve`)", CoordinatorConfig),
+    ):
+        lines += [
+            f"## {title}",
+            "",
+            "| key | type | default | meaning |",
+            "| --- | --- | --- | --- |",
+        ]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            kind = kind.replace("|", "\\|")
+            lines.append(
+                f"| `{f.name}` | {kind} | `{_default_of(f)!r}` | {f.metadata.get('help', '')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)

@@ -66,3 +66,12 @@ def test_bad_config_files_are_refused_with_the_reason(
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(NodeConfig, tmp_path / "absent.toml", {})
+
+
+def test_the_settings_reference_matches_the_config_classes() -> None:
+    from pathlib import Path
+
+    from appliance.config import settings_markdown
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
+    assert doc.read_text() == settings_markdown(), "regenerate docs/settings.md (see its header)"
