@@ -712,6 +712,14 @@ async def job_cancel(request: web.Request) -> web.Response:
     return json_response(job.public())
 
 
+STATUS_PAGE = Path(__file__).resolve().parent / "static" / "status.html"
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """One self-contained page (no CDN) that draws the ring from /v2/cluster and /metrics."""
+    return web.Response(body=STATUS_PAGE.read_bytes(), content_type="text/html")
+
+
 async def cluster(request: web.Request) -> web.Response:
     return json_response(_c(request).cluster_view())
 
@@ -818,6 +826,7 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
     app[COORDINATOR] = coordinator
     app.add_routes(
         [
+            web.get("/", status_page),
             web.get("/v2", server_metadata),
             web.get("/v2/health/live", health_live),
             web.get("/v2/health/ready", health_ready),
