@@ -230,7 +230,7 @@ async def _run_node(config: NodeConfig) -> int:
     from appliance.node_server import build_node_app, start_app
 
     app = build_node_app(config)
-    runner, port = await start_app(app, config.host, config.port)
+    runner, port = await start_app(app, config.host, config.port, config.access_log)
     host = f"[{config.host}]" if ":" in config.host else config.host
     log.info("listening on http://%s:%d (model repository %s)", host, port, config.model_repo)
     print(f"appliance listening on http://{host}:{port}", flush=True)

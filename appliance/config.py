@@ -67,6 +67,7 @@ class NodeConfig:
         default="info", metadata={"help": "logging level"}
     )
     log_format: Literal["text", "json"] = field(default="text", metadata={"help": "log format"})
+    access_log: bool = field(default=True, metadata={"help": "one log line per request"})
     # --- ring membership ---
     join: str = field(default="", metadata={"help": "coordinator to join, host:port or URL"})
     node_id: str = field(
@@ -261,6 +262,7 @@ class CoordinatorConfig:
         default="info", metadata={"help": "logging level"}
     )
     log_format: Literal["text", "json"] = field(default="text", metadata={"help": "log format"})
+    access_log: bool = field(default=True, metadata={"help": "one log line per request"})
 
     def check(self) -> None:
         if self.replicas < 1:

@@ -29,6 +29,7 @@ from appliance.config import CoordinatorConfig
 from appliance.errors import BadRequest, NoLiveReplica
 from appliance.hop_client import HopClient, HopSettings
 from appliance.http_errors import error_middleware, status_of
+from appliance.logs import request_id_middleware
 from appliance.metrics import LATENCY_BUCKETS
 from appliance.node_server import (
     EXTENSIONS,
@@ -822,7 +823,10 @@ def _model_routes(prefix: str) -> list[web.RouteDef]:
 
 def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
     coordinator = Coordinator(config)
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware],
+        client_max_size=config.max_body_bytes,
+    )
     app[COORDINATOR] = coordinator
     app.add_routes(
         [

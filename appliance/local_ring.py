@@ -69,7 +69,7 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
     if ring.nodes < 1:
         raise ConfigError(f"--nodes must be at least 1, got {ring.nodes}")
     app = build_coordinator_app(config)
-    runner, port = await start_app(app, config.host, config.port)
+    runner, port = await start_app(app, config.host, config.port, config.access_log)
     url = f"http://{config.host}:{port}"
     cores = os.cpu_count() or 1
     threads = max(1, cores // ring.nodes)
@@ -146,7 +146,7 @@ async def _wait_for_members(
 
 async def run_coordinator(config: CoordinatorConfig) -> int:
     app = build_coordinator_app(config)
-    runner, port = await start_app(app, config.host, config.port)
+    runner, port = await start_app(app, config.host, config.port, config.access_log)
     print(f"appliance coordinator listening on http://{config.host}:{port}", flush=True)
     notify(f"STATUS=listening on {config.host}:{port}")
     notify("READY=1")

@@ -20,6 +20,7 @@ from appliance.body import read_body
 from appliance.config import NodeConfig
 from appliance.errors import BadRequest
 from appliance.http_errors import error_middleware, status_of
+from appliance.logs import AccessLogger, request_id_middleware
 from appliance.metrics import Metrics
 from appliance.ring_node import add_ring_routes
 from appliance.sd_notify import notify
@@ -284,7 +285,10 @@ def build_node_app(config: NodeConfig) -> web.Application:
         config.warmup_settings(),
         config.drain_timeout_s,
     )
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware],
+        client_max_size=config.max_body_bytes,
+    )
     app[CONFIG] = config
     app[REGISTRY] = registry
     app[METRICS] = Metrics(registry.loaded)
@@ -308,11 +312,14 @@ def build_node_app(config: NodeConfig) -> web.Application:
     return app
 
 
-async def start_app(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_app(
+    app: web.Application, host: str, port: int, access_log: bool = False
+) -> tuple[web.AppRunner, int]:
     """Listen on host:port (0 = any free port); returns the runner and the bound port."""
     runner = web.AppRunner(
         app,
-        access_log=None,
+        access_log=logging.getLogger("appliance.access") if access_log else None,
+        access_log_class=AccessLogger,
         handler_cancellation=True,  # a client that goes away cancels its queued work
         auto_decompress=False,  # body.py decodes, so the size limit holds after decompression
     )
