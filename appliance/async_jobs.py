@@ -37,6 +37,7 @@ class JobRunner:
         self._transient = transient
         self._retry_window_s = retry_window_s
         self._attempts: dict[str, int] = {}
+        self._finished: dict[str, int] = {"succeeded": 0, "failed": 0, "cancelled": 0}
         self._run = run
         self._workers_count = max(1, workers)
         self._ttl_s = ttl_s
@@ -67,6 +68,10 @@ class JobRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.store.close()
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by status: queued and running from memory, finished ones since start."""
+        return {"queued": self._queue.qsize(), "running": len(self._running), **self._finished}
 
     async def submit(self, job: Job) -> None:
         await self.store.submit(job)  # durable before the caller answers 202
@@ -127,6 +132,7 @@ class JobRunner:
             self._attempts.pop(job_id, None)
             job.finished = time.time()
             await self.store.update(job)
+            self._finished[job.status] = self._finished.get(job.status, 0) + 1
 
     async def _retry_later(self, job: Job, exc: Exception) -> None:
         attempt = self._attempts.get(job.id, 0) + 1

@@ -134,6 +134,7 @@ class CoordinatorMetrics:
             ["model", "outcome"],
             registry=r,
         )
+        self.jobs = Gauge("appliance_jobs", "async jobs by status", ["status"], registry=r)
         self.cache_state = Gauge(
             "appliance_cache",
             "result cache: entries, bytes, hits, misses, evictions, degraded",
@@ -727,6 +728,9 @@ async def cluster(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     coordinator = _c(request)
+    if coordinator.jobs is not None:
+        for status, count in coordinator.jobs.counts().items():
+            coordinator.metrics.jobs.labels(status).set(count)
     if coordinator.cache is not None:
         stats = coordinator.cache.stats()
         for what in ("entries", "bytes_stored", "hits", "misses", "evictions", "admitted"):

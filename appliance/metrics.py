@@ -61,7 +61,17 @@ class _ModelCollector(Collector):
             queue.add_metric([model.name], model.batcher.queue_depth)
             queue_s.add_metric([model.name], stats.queue.ns / 1e9)
             compute_s.add_metric([model.name], stats.compute_infer.ns / 1e9)
-        yield from (rows, runs, queue, queue_s, compute_s)
+        batches = CounterMetricFamily(
+            "appliance_batch_runs", "session runs by rows in the batch", labels=["model", "rows"]
+        )
+        for model in self._models():
+            for size, duration in model.stats.batch_sizes.items():
+                batches.add_metric([model.name, str(size)], duration.count)
+        yield from (rows, runs, queue, queue_s, compute_s, batches)
+        cpu = CounterMetricFamily("appliance_process_cpu_seconds", "CPU time of this process")
+        times = self._process.cpu_times()
+        cpu.add_metric([], times.user + times.system)
+        yield cpu
         memory = GaugeMetricFamily("appliance_process_resident_bytes", "resident memory (RSS)")
         memory.add_metric([], self._process.memory_info().rss)
         yield memory
@@ -90,7 +100,25 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=self.registry,
         )
+        self.queue_latency = Histogram(
+            "appliance_request_queue_seconds",
+            "time a request waited for its batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.compute_latency = Histogram(
+            "appliance_request_compute_seconds",
+            "time of the run that answered a request",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_ModelCollector(models))
+
+    def observe_batch(self, model: str, queued_s: float, compute_s: float) -> None:
+        self.queue_latency.labels(model).observe(queued_s)
+        self.compute_latency.labels(model).observe(compute_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -292,6 +292,7 @@ def build_node_app(config: NodeConfig) -> web.Application:
     app[CONFIG] = config
     app[REGISTRY] = registry
     app[METRICS] = Metrics(registry.loaded)
+    registry.observe = app[METRICS].observe_batch
     app.add_routes(
         [
             web.get("/v2", server_metadata),

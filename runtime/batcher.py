@@ -111,12 +111,14 @@ class DynamicBatcher:
         batchable: bool,
         name: str = "model",
         stats: ModelStats | None = None,
+        observe: Callable[[float, float], None] | None = None,
     ) -> None:
         self._run = run
         self.settings = settings
         self.name = name
         self.batching = batchable and settings.max_batch_size > 1
         self.stats = stats or ModelStats()
+        self._observe = observe  # (seconds queued, seconds computing) of each answered request
         self._queue: deque[_Pending] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"run-{name}")
         self._wakeup: asyncio.Event | None = None
@@ -327,6 +329,8 @@ class DynamicBatcher:
         self.stats.success.add(elapsed)
         self.stats.record_latency(elapsed / 1e9)
         self.stats.compute_infer.add(compute_ns)
+        if self._observe is not None:
+            self._observe((elapsed - compute_ns) / 1e9, compute_ns / 1e9)
         if not item.future.done():
             if item.outputs is not None:
                 result = {name: result[name] for name in item.outputs}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,8 @@ class ModelRegistry:
         self._slots: dict[str, _Slot] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.generation = 0  # counts loads and unloads: tells fresh reports from stale ones
+        # (model, seconds queued, seconds computing) per answered request, for metrics
+        self.observe: Callable[[str, float, float], None] | None = None
 
     def names(self) -> list[str]:
         return sorted(self._slots)
@@ -255,6 +259,7 @@ class ModelRegistry:
             batchable=runner.signature.batchable,
             name=name,
             stats=stats,
+            observe=partial(self.observe, name) if self.observe is not None else None,
         )
         return LoadedModel(package, runner, batcher, stats, warmup_runs, (first, last))
 
