@@ -230,8 +230,8 @@ async def test_metrics_count_requests(node: RunningNode) -> None:
     assert samples[("appliance_requests_total", (("model", "dense"), ("status", "400")))] == 1
     assert (
         samples[("appliance_model_inferences_total", (("model", "dense"), ("version", "1")))] == 3
+    )
     assert samples[("appliance_request_queue_seconds_count", (("model", "dense"),))] == 3
     assert samples[("appliance_request_compute_seconds_count", (("model", "dense"),))] == 3
     assert sum(v for (name, _), v in samples.items() if name == "appliance_batch_runs_total") >= 1
     assert samples[("appliance_process_cpu_seconds_total", ())] > 0
-    )
