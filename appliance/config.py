@@ -68,6 +68,18 @@ class NodeConfig:
     )
     log_format: Literal["text", "json"] = field(default="text", metadata={"help": "log format"})
     access_log: bool = field(default=True, metadata={"help": "one log line per request"})
+    tokens: list[str] = field(
+        default_factory=list,
+        metadata={"help": "bearer tokens as ROLE:TOKEN (roles infer, admin); none = auth off"},
+    )
+    tokens_file: str = field(default="", metadata={"help": "file of ROLE:TOKEN lines"})
+    metrics_public: bool = field(default=False, metadata={"help": "/metrics without a token"})
+    cluster_token: str = field(
+        default="", metadata={"help": "admin token this process presents on internal calls"}
+    )
+    max_concurrent_per_client: int = field(
+        default=0, metadata={"help": "requests in flight per client before 429 (0: no limit)"}
+    )
     # --- ring membership ---
     join: str = field(default="", metadata={"help": "coordinator to join, host:port or URL"})
     node_id: str = field(
@@ -263,6 +275,18 @@ class CoordinatorConfig:
     )
     log_format: Literal["text", "json"] = field(default="text", metadata={"help": "log format"})
     access_log: bool = field(default=True, metadata={"help": "one log line per request"})
+    tokens: list[str] = field(
+        default_factory=list,
+        metadata={"help": "bearer tokens as ROLE:TOKEN (roles infer, admin); none = auth off"},
+    )
+    tokens_file: str = field(default="", metadata={"help": "file of ROLE:TOKEN lines"})
+    metrics_public: bool = field(default=False, metadata={"help": "/metrics without a token"})
+    cluster_token: str = field(
+        default="", metadata={"help": "admin token this process presents on internal calls"}
+    )
+    max_concurrent_per_client: int = field(
+        default=0, metadata={"help": "requests in flight per client before 429 (0: no limit)"}
+    )
 
     def check(self) -> None:
         if self.replicas < 1:

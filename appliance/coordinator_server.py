@@ -23,6 +23,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from appliance.async_jobs import JobRunner
+from appliance.auth import (
+    CALLER,
+    auth_middleware,
+    client_limit_middleware,
+    internal_headers,
+    parse_tokens,
+)
 from appliance.body import read_body
 from appliance.cluster import Cluster, HeldSpan, Member
 from appliance.config import CoordinatorConfig
@@ -410,7 +417,7 @@ class Coordinator:
         body = await read_body(request, self.config.max_body_bytes)
         length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
         if wants_async(request.headers.get("Prefer")):
-            return await self._submit_job(name, version, body, length)
+            return await self._submit_job(name, version, body, length, request.get(CALLER, ""))
         cache_control = parse_cache_control(request.headers.get("Cache-Control"))
         out, out_length, outcome = await self.infer_body(name, version, body, length, cache_control)
         response = web.Response(
@@ -482,7 +489,7 @@ class Coordinator:
         return out, out_length, outcome
 
     async def _submit_job(
-        self, name: str, version: str | None, body: bytes, length: int | None
+        self, name: str, version: str | None, body: bytes, length: int | None, owner: str
     ) -> web.Response:
         """Check the request as a sync call would, store it durably, then answer 202."""
         entry, _ = self.placed(name)
@@ -493,7 +500,7 @@ class Coordinator:
         if decoded.outputs:
             validate_output_names(entry.signature, [o.name for o in decoded.outputs])
         assert self.jobs is not None
-        job = Job(uuid.uuid4().hex, name, version, "queued", time.time(), None, body, length)
+        job = Job(uuid.uuid4().hex, name, version, "queued", time.time(), None, body, length, owner)
         await self.jobs.submit(job)
         response = json_response(job.public(), status=202)
         response.headers["Location"] = f"/v2/jobs/{job.id}"
@@ -677,7 +684,7 @@ def _jobs(request: web.Request) -> JobRunner:
 
 async def job_status(request: web.Request) -> web.Response:
     """The job; once succeeded, its result in the JSON form of a sync answer."""
-    job = _jobs(request).get(request.match_info["job"])
+    job = _jobs(request).get(request.match_info["job"], request.get(CALLER, ""))
     view = job.public()
     if job.status == "succeeded" and job.result is not None:
         result = decode_response(job.result, job.result_header_length)
@@ -695,7 +702,7 @@ async def job_status(request: web.Request) -> web.Response:
 
 async def job_result(request: web.Request) -> web.Response:
     """The answer as the sync call would have sent it (binary outputs stay binary)."""
-    job = _jobs(request).get(request.match_info["job"])
+    job = _jobs(request).get(request.match_info["job"], request.get(CALLER, ""))
     if job.status != "succeeded" or job.result is None:
         raise JobNotFound(f"job {job.id} has no result: it is {job.status}")
     response = web.Response(
@@ -710,7 +717,7 @@ async def job_result(request: web.Request) -> web.Response:
 
 
 async def job_cancel(request: web.Request) -> web.Response:
-    job = await _jobs(request).cancel(request.match_info["job"])
+    job = await _jobs(request).cancel(request.match_info["job"], request.get(CALLER, ""))
     return json_response(job.public())
 
 
@@ -827,8 +834,14 @@ def _model_routes(prefix: str) -> list[web.RouteDef]:
 
 def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
     coordinator = Coordinator(config)
+    tokens = parse_tokens(config.tokens, config.tokens_file)
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware],
+        middlewares=[
+            request_id_middleware,
+            error_middleware,
+            auth_middleware(tokens, config.metrics_public),
+            client_limit_middleware(config.max_concurrent_per_client),
+        ],
         client_max_size=config.max_body_bytes,
     )
     app[COORDINATOR] = coordinator
@@ -857,7 +870,9 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
 
     async def start(app: web.Application) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-        coordinator.session = aiohttp.ClientSession(connector=connector)
+        coordinator.session = aiohttp.ClientSession(
+            connector=connector, headers=internal_headers(config.cluster_token)
+        )
         m = coordinator.metrics
         coordinator.hops = HopClient(
             coordinator.session,

@@ -46,3 +46,17 @@ class UpstreamError(ApplianceError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class Unauthorized(ApplianceError):
+    """No valid bearer token (maps to 401 with WWW-Authenticate)."""
+
+
+class Forbidden(ApplianceError):
+    """A valid token without the role the path needs (maps to 403)."""
+
+
+class TooManyRequests(ApplianceError):
+    """This client has too many requests in flight (maps to 429 with Retry-After)."""
+
+    retry_after_s = 1.0

@@ -13,9 +13,12 @@ from appliance.errors import (
     BodyTooLarge,
     ConfigError,
     DigestMismatch,
+    Forbidden,
     MemberConflict,
     NoLiveReplica,
     NotMember,
+    TooManyRequests,
+    Unauthorized,
     UnsupportedMediaType,
     UpstreamError,
 )
@@ -38,6 +41,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Order matters: the first class an error is an instance of decides its status.
 STATUS_OF: list[tuple[type[Exception], int]] = [
     (BodyTooLarge, 413),
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (TooManyRequests, 429),
     (UnsupportedMediaType, 415),
     (BadRequest, 400),
     (ConfigError, 400),
@@ -99,5 +105,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if status is None:
             log.exception("bug while serving %s %s", request.method, request.path)
             return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
-        retry = getattr(exc, "retry_after_s", 1.0) if status == 503 else None
-        return error_response(status, str(exc), retry)
+        retry = getattr(exc, "retry_after_s", 1.0) if status in (429, 503) else None
+        response = error_response(status, str(exc), retry)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="onnx-appliance"'
+        return response

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from appliance.app_keys import CONFIG, LOADER, METRICS, REGISTRY
+from appliance.auth import auth_middleware, client_limit_middleware, parse_tokens
 from appliance.body import read_body
 from appliance.config import NodeConfig
 from appliance.errors import BadRequest
@@ -285,8 +286,14 @@ def build_node_app(config: NodeConfig) -> web.Application:
         config.warmup_settings(),
         config.drain_timeout_s,
     )
+    tokens = parse_tokens(config.tokens, config.tokens_file)
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware],
+        middlewares=[
+            request_id_middleware,
+            error_middleware,
+            auth_middleware(tokens, config.metrics_public),
+            client_limit_middleware(config.max_concurrent_per_client),
+        ],
         client_max_size=config.max_body_bytes,
     )
     app[CONFIG] = config

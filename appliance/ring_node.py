@@ -19,6 +19,7 @@ from aiohttp import web
 
 from appliance import ring_protocol as rp
 from appliance.app_keys import CONFIG, REGISTRY
+from appliance.auth import internal_headers
 from appliance.body import read_body
 from appliance.config import NodeConfig
 from appliance.errors import BadRequest, DigestMismatch
@@ -298,7 +299,9 @@ def add_ring_routes(app: web.Application, config: NodeConfig) -> None:
 
     async def start(app: web.Application) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-        app[SESSION] = aiohttp.ClientSession(connector=connector)
+        app[SESSION] = aiohttp.ClientSession(
+            connector=connector, headers=internal_headers(config.cluster_token)
+        )
         app[HOPS] = HopClient(app[SESSION], HopSettings(min_attempt_s=config.min_attempt_s))
 
     async def stop(app: web.Application) -> None:

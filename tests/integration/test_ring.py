@@ -244,3 +244,60 @@ def test_a_node_gone_past_the_grace_period_has_its_span_placed_elsewhere(tmp_pat
         np.testing.assert_allclose(ring.infer("demo", ids), reference(ids), atol=1e-5)
     finally:
         ring.stop()
+
+
+def test_a_ring_with_auth_on_serves_token_holders_only(tmp_path: Path) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    cluster, user = "c" * 32, "u" * 32
+    ring = Ring(tmp_path, make_repo(tmp_path / "repo"))
+    ring.start_coordinator(
+        "--tokens", f"admin:{cluster}", f"infer:{user}", "--cluster-token", cluster
+    )
+    try:
+        for node in ("a", "b"):
+            ring.start_node(node, "--tokens", f"admin:{cluster}", "--cluster-token", cluster)
+
+        def call(method: str, path: str, token: str | None, body: dict | None = None) -> int:  # type: ignore[type-arg]
+            headers = {"Content-Type": "application/json"}
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            data = json.dumps(body).encode() if body is not None else None
+            request = urllib.request.Request(
+                ring.url + path, data=data, method=method, headers=headers
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        deadline = time.monotonic() + 30
+        while (
+            time.monotonic() < deadline
+            and call(
+                "POST", "/v2/repository/models/demo/load", cluster, {"parameters": {"stages": 2}}
+            )
+            != 200
+        ):
+            time.sleep(0.3)  # until both nodes have joined (with the cluster token)
+        ring.wait_ready()
+        infer = {
+            "inputs": [
+                {"name": "input_ids", "datatype": "INT64", "shape": [1, 4], "data": [1, 2, 3, 4]}
+            ]
+        }
+        assert call("POST", "/v2/models/demo/infer", None, infer) == 401
+        assert call("POST", "/v2/models/demo/infer", user, infer) == 200
+        assert call("GET", "/v2/cluster", user) == 403
+        assert call("GET", "/v2/cluster", cluster) == 200
+        # a node refuses a hop without the cluster token
+        node_url = ring.node_urls["a"]
+        request = urllib.request.Request(node_url + "/internal/hop", data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=10)
+        assert error.value.code == 401
+    finally:
+        ring.stop()
