@@ -18,6 +18,7 @@ from appliance.config import CoordinatorConfig, NodeConfig, add_config_flags, lo
 from appliance.errors import ConfigError
 from appliance.logs import configure_logging
 from appliance.sd_notify import notify, start_watchdog
+from appliance.tls import server_context
 from runtime.errors import RuntimeFailure
 from runtime.session import conflicting_onnxruntime_installs
 
@@ -217,7 +218,7 @@ async def _leave(app: Any) -> None:
 
     try:
         async with app[SESSION].post(
-            coordinator_url(app[CONFIG_KEY].join) + "/internal/leave",
+            coordinator_url(app[CONFIG_KEY].join, bool(app[CONFIG_KEY].tls_ca)) + "/internal/leave",
             json={"node_id": app[IDENTITY]["node_id"], "incarnation": app[IDENTITY]["incarnation"]},
             timeout=aiohttp.ClientTimeout(total=2),
         ):
@@ -230,15 +231,17 @@ async def _run_node(config: NodeConfig) -> int:
     from appliance.node_server import build_node_app, start_app
 
     app = build_node_app(config)
-    runner, port = await start_app(app, config.host, config.port, config.access_log)
+    tls = server_context(config.tls_cert, config.tls_key, config.tls_ca)
+    runner, port = await start_app(app, config.host, config.port, config.access_log, tls)
+    scheme = "https" if tls else "http"
     host = f"[{config.host}]" if ":" in config.host else config.host
     log.info("listening on http://%s:%d (model repository %s)", host, port, config.model_repo)
-    print(f"appliance listening on http://{host}:{port}", flush=True)
+    print(f"appliance listening on {scheme}://{host}:{port}", flush=True)
     membership = None
     if config.join:
         from appliance.ring_node import start_membership
 
-        membership = start_membership(app, config.advertise_url or f"http://{host}:{port}")
+        membership = start_membership(app, config.advertise_url or f"{scheme}://{host}:{port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

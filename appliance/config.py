@@ -80,6 +80,12 @@ class NodeConfig:
     max_concurrent_per_client: int = field(
         default=0, metadata={"help": "requests in flight per client before 429 (0: no limit)"}
     )
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate: serve HTTPS"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert"})
+    tls_ca: str = field(
+        default="",
+        metadata={"help": "cluster CA: verify peers, and require their certificates (mTLS)"},
+    )
     # --- ring membership ---
     join: str = field(default="", metadata={"help": "coordinator to join, host:port or URL"})
     node_id: str = field(
@@ -286,6 +292,12 @@ class CoordinatorConfig:
     )
     max_concurrent_per_client: int = field(
         default=0, metadata={"help": "requests in flight per client before 429 (0: no limit)"}
+    )
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate: serve HTTPS"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert"})
+    tls_ca: str = field(
+        default="",
+        metadata={"help": "cluster CA: verify peers, and require their certificates (mTLS)"},
     )
 
     def check(self) -> None:

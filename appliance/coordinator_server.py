@@ -60,6 +60,7 @@ from appliance.request_policy import (
     parse_cache_control,
     wants_async,
 )
+from appliance.tls import client_context, require_peer_certificate
 from cache.errors import JobNotFound
 from cache.job import Job
 from cache.job_store import JobStore
@@ -841,6 +842,7 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
             error_middleware,
             auth_middleware(tokens, config.metrics_public),
             client_limit_middleware(config.max_concurrent_per_client),
+            require_peer_certificate(bool(config.tls_ca and config.tls_cert)),
         ],
         client_max_size=config.max_body_bytes,
     )
@@ -869,7 +871,8 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
     )
 
     async def start(app: web.Application) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        tls = client_context(config.tls_ca, config.tls_cert, config.tls_key)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ssl=tls)
         coordinator.session = aiohttp.ClientSession(
             connector=connector, headers=internal_headers(config.cluster_token)
         )

@@ -25,6 +25,7 @@ from appliance.coordinator_server import COORDINATOR, build_coordinator_app
 from appliance.errors import ConfigError
 from appliance.node_server import start_app
 from appliance.sd_notify import notify, start_watchdog
+from appliance.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,10 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
     if ring.nodes < 1:
         raise ConfigError(f"--nodes must be at least 1, got {ring.nodes}")
     app = build_coordinator_app(config)
-    runner, port = await start_app(app, config.host, config.port, config.access_log)
-    url = f"http://{config.host}:{port}"
+    tls = server_context(config.tls_cert, config.tls_key, config.tls_ca)
+    runner, port = await start_app(app, config.host, config.port, config.access_log, tls)
+    scheme = "https" if tls else "http"
+    url = f"{scheme}://{config.host}:{port}"
     cores = os.cpu_count() or 1
     threads = max(1, cores // ring.nodes)
     budget = psutil.virtual_memory().available // ring.nodes
@@ -146,8 +149,10 @@ async def _wait_for_members(
 
 async def run_coordinator(config: CoordinatorConfig) -> int:
     app = build_coordinator_app(config)
-    runner, port = await start_app(app, config.host, config.port, config.access_log)
-    print(f"appliance coordinator listening on http://{config.host}:{port}", flush=True)
+    tls = server_context(config.tls_cert, config.tls_key, config.tls_ca)
+    runner, port = await start_app(app, config.host, config.port, config.access_log, tls)
+    scheme = "https" if tls else "http"
+    print(f"appliance coordinator listening on {scheme}://{config.host}:{port}", flush=True)
     notify(f"STATUS=listening on {config.host}:{port}")
     notify("READY=1")
     watchdog = start_watchdog()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,6 +26,7 @@ from appliance.logs import AccessLogger, request_id_middleware
 from appliance.metrics import Metrics
 from appliance.ring_node import add_ring_routes
 from appliance.sd_notify import notify
+from appliance.tls import require_peer_certificate
 from runtime.codec import decode_request, encode_response, parse_header_length
 from runtime.errors import ModelNotFound, RuntimeFailure
 from runtime.package import list_repository
@@ -293,6 +295,7 @@ def build_node_app(config: NodeConfig) -> web.Application:
             error_middleware,
             auth_middleware(tokens, config.metrics_public),
             client_limit_middleware(config.max_concurrent_per_client),
+            require_peer_certificate(bool(config.tls_ca and config.tls_cert)),
         ],
         client_max_size=config.max_body_bytes,
     )
@@ -321,7 +324,11 @@ def build_node_app(config: NodeConfig) -> web.Application:
 
 
 async def start_app(
-    app: web.Application, host: str, port: int, access_log: bool = False
+    app: web.Application,
+    host: str,
+    port: int,
+    access_log: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Listen on host:port (0 = any free port); returns the runner and the bound port."""
     runner = web.AppRunner(
@@ -332,7 +339,7 @@ async def start_app(
         auto_decompress=False,  # body.py decodes, so the size limit holds after decompression
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     return runner, int(bound)

@@ -24,6 +24,7 @@ from appliance.body import read_body
 from appliance.config import NodeConfig
 from appliance.errors import BadRequest, DigestMismatch
 from appliance.hop_client import HopClient, HopSettings
+from appliance.tls import client_context
 from runtime.codec import decode_request, encode_request, encode_response, parse_header_length
 from runtime.errors import DeadlineExceeded, ModelLoadError, ModelNotFound
 from runtime.manifest import Manifest, read_manifest, segment_hash, write_manifest
@@ -38,8 +39,10 @@ SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 _FETCH_CHUNK = 1 << 20
 
 
-def coordinator_url(join: str) -> str:
-    return join if join.startswith(("http://", "https://")) else f"http://{join}"
+def coordinator_url(join: str, tls: bool = False) -> str:
+    if join.startswith(("http://", "https://")):
+        return join
+    return f"{'https' if tls else 'http'}://{join}"
 
 
 def node_identity(config: NodeConfig) -> dict[str, Any]:
@@ -165,7 +168,7 @@ async def _ensure_files(
     app: web.Application, folder: Path, manifest: Manifest, first: int, last: int
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    source = coordinator_url(app[CONFIG].join)
+    source = coordinator_url(app[CONFIG].join, bool(app[CONFIG].tls_ca))
     for segment in manifest.segments[first : last + 1]:
         present = all((folder / f).is_file() for f in [segment.file, *segment.external_data])
         if present:
@@ -256,7 +259,7 @@ async def identity(request: web.Request) -> web.Response:
 async def keep_membership(app: web.Application) -> None:
     """Join, then heartbeat; join again whenever the coordinator no longer knows this node."""
     config = app[CONFIG]
-    base = coordinator_url(config.join)
+    base = coordinator_url(config.join, bool(config.tls_ca))
     session = app[SESSION]
     joined = False
     backoff = 0.2
@@ -298,7 +301,8 @@ def add_ring_routes(app: web.Application, config: NodeConfig) -> None:
     )
 
     async def start(app: web.Application) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        tls = client_context(config.tls_ca, config.tls_cert, config.tls_key)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ssl=tls)
         app[SESSION] = aiohttp.ClientSession(
             connector=connector, headers=internal_headers(config.cluster_token)
         )

@@ -42,7 +42,7 @@ def _start(args: list[str], log: Path) -> tuple[subprocess.Popen[str], str]:
     )
     assert process.stdout is not None
     line = process.stdout.readline()
-    match = re.search(r"http://\S+", line)
+    match = re.search(r"https?://\S+", line)
     if not match:
         process.kill()
         raise AssertionError(f"no listening line from {args[:2]}: {line!r}; see {log}")
