@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -251,6 +252,14 @@ def _model_routes(prefix: str) -> list[web.RouteDef]:
     ]
 
 
+def _loading_progress(message: str) -> None:
+    """Loading a large span takes a while: say where it is, to systemd and on a terminal."""
+    notify(f"STATUS={message}")
+    if sys.stderr.isatty():
+        print(f"\r{message:<100}", end="", file=sys.stderr, flush=True)
+    log.debug("%s", message)
+
+
 async def _load_models(app: web.Application) -> None:
     """Load and warm the configured models after the socket is open (live, not yet ready)."""
     config, registry = app[CONFIG], app[REGISTRY]
@@ -303,6 +312,7 @@ def build_node_app(config: NodeConfig) -> web.Application:
     app[REGISTRY] = registry
     app[METRICS] = Metrics(registry.loaded)
     registry.observe = app[METRICS].observe_batch
+    registry.progress = _loading_progress
     app.add_routes(
         [
             web.get("/v2", server_metadata),

@@ -9,6 +9,7 @@ sessions in one process: with spinning thread pools off, chaining costs nothing 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +171,7 @@ def load_span(
     first: int = 0,
     last: int | None = None,
     verify: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> SpanRunner:
     """Load segments first..last (inclusive; default all) of a package as one runner."""
     last = len(package.segments) - 1 if last is None else last
@@ -180,6 +182,12 @@ def load_span(
         )
     sessions = []
     for index in range(first, last + 1):
+        if progress is not None:
+            done = index - first
+            progress(
+                f"loading {package.name} v{package.version} segment {index} "
+                f"({done + 1}/{last - first + 1}, {package.segments[index].bytes / 2**20:.0f} MiB)"
+            )
         if verify and package.manifest is not None:  # a plain model.onnx was hashed at open
             verify_segment(package, index)
         path = package.folder / package.segments[index].file

@@ -140,6 +140,7 @@ class ModelRegistry:
         self.generation = 0  # counts loads and unloads: tells fresh reports from stale ones
         # (model, seconds queued, seconds computing) per answered request, for metrics
         self.observe: Callable[[str, float, float], None] | None = None
+        self.progress: Callable[[str], None] | None = None  # a line per segment loaded
 
     def names(self) -> list[str]:
         return sorted(self._slots)
@@ -250,7 +251,7 @@ class ModelRegistry:
         """On a worker thread: open the package, build the span, warm it up."""
         package = open_package(self.repo, name, version)
         first, last = span if span is not None else (0, len(package.segments) - 1)
-        runner = load_span(package, self.session_settings, first, last)
+        runner = load_span(package, self.session_settings, first, last, progress=self.progress)
         warmup_runs = self._warm(runner, name) if self.warmup.enabled else 0
         stats = ModelStats()
         batcher = DynamicBatcher(

@@ -80,6 +80,7 @@ def test_a_node_says_status_then_ready_after_warm_up_and_pings_the_watchdog(
                     ready_seen_ready = response.status == 200
         statuses = [m for m in messages if m.startswith("STATUS=")]
         assert any("loading and warming dense" in m for m in statuses)
+        assert any("loading dense v1 segment 0 (1/1" in m for m in statuses)
         assert "READY=1" in messages and ready_seen_ready is True
         assert messages.index("READY=1") > messages.index(statuses[0])
     finally:
