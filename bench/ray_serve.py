@@ -135,6 +135,7 @@ def run_ray_bench(
     warmup_s: float = 1.0,
     max_requests: int = 200_000,
     num_cpus: int | None = None,
+    timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Serve ``onnx_path`` from one Ray Serve replica and load it at each ``concurrency``.
 
@@ -142,6 +143,8 @@ def run_ray_bench(
     carries their raw bytes, concatenated in the dict's order. Returns ``{"settings": {...},
     "rows": [...]}`` with one bench/loadgen.py-style row (throughput_rps, p50_ms, p99_ms) per
     concurrency, plus ``check`` (the served answer against a local session) and timings.
+    The whole subprocess is bounded by ``timeout_s`` (default: from the points); past it,
+    it is killed, and with it every process of the namespace.
     """
     _check_tools()
     python = ensure_ray_venv(ray_venv)
@@ -186,7 +189,8 @@ def run_ray_bench(
     # --pid --mount-proc: `ray stop` sees only this namespace; --kill-child: if this process
     # dies (or is killed on timeout) the namespace's first process and with it all of Ray go too
     command = ["unshare", "--net", "--pid", "--mount-proc", "--kill-child", "bash", "-c", script]
-    timeout_s = 240 + len(concurrency) * (warmup_s + seconds + 30)
+    if timeout_s is None:  # Ray's start and stop, then each point plus a margin
+        timeout_s = 240 + len(concurrency) * (warmup_s + seconds + 30)
     # Ray starts its workers (the replica, the proxy) at nice 15, below the load generator and
     # below the node in bench/serving.py, both at 0: same priority for all, as for the node
     env = {
@@ -226,6 +230,7 @@ def run_ray_bench(
         "check": by_kind["check"][0],
         "startup_s": by_kind["ready"][0]["startup_s"],
         "wall_s": round(time.perf_counter() - started, 1),
+        "timeout_s": timeout_s,
         "isolation": "unshare --net --pid --mount-proc --kill-child; lo only",
         "leftover_pids_killed": leftovers,
     }
