@@ -22,21 +22,18 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from appliance.app_base import new_app
 from appliance.async_jobs import JobRunner
 from appliance.auth import (
     CALLER,
-    auth_middleware,
-    client_limit_middleware,
     internal_headers,
-    parse_tokens,
 )
 from appliance.body import read_body
 from appliance.cluster import Cluster, HeldSpan, Member
 from appliance.config import CoordinatorConfig
 from appliance.errors import BadRequest, NoLiveReplica
 from appliance.hop_client import HopClient, HopSettings
-from appliance.http_errors import error_middleware, status_of
-from appliance.logs import request_id_middleware
+from appliance.http_errors import status_of
 from appliance.metrics import LATENCY_BUCKETS
 from appliance.node_server import (
     EXTENSIONS,
@@ -60,7 +57,7 @@ from appliance.request_policy import (
     parse_cache_control,
     wants_async,
 )
-from appliance.tls import client_context, require_peer_certificate
+from appliance.tls import client_context
 from cache.errors import JobNotFound
 from cache.job import Job
 from cache.job_store import JobStore
@@ -835,17 +832,7 @@ def _model_routes(prefix: str) -> list[web.RouteDef]:
 
 def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
     coordinator = Coordinator(config)
-    tokens = parse_tokens(config.tokens, config.tokens_file)
-    app = web.Application(
-        middlewares=[
-            request_id_middleware,
-            error_middleware,
-            auth_middleware(tokens, config.metrics_public),
-            client_limit_middleware(config.max_concurrent_per_client),
-            require_peer_certificate(bool(config.tls_ca and config.tls_cert)),
-        ],
-        client_max_size=config.max_body_bytes,
-    )
+    app = new_app(config)
     app[COORDINATOR] = coordinator
     app.add_routes(
         [

@@ -17,17 +17,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from appliance.app_base import new_app
 from appliance.app_keys import CONFIG, LOADER, METRICS, REGISTRY
-from appliance.auth import auth_middleware, client_limit_middleware, parse_tokens
 from appliance.body import read_body
 from appliance.config import NodeConfig
 from appliance.errors import BadRequest
-from appliance.http_errors import error_middleware, status_of
-from appliance.logs import AccessLogger, request_id_middleware
+from appliance.http_errors import status_of
+from appliance.logs import AccessLogger
 from appliance.metrics import Metrics
 from appliance.ring_node import add_ring_routes
 from appliance.sd_notify import notify
-from appliance.tls import require_peer_certificate
 from runtime.codec import decode_request, encode_response, parse_header_length
 from runtime.errors import ModelNotFound, RuntimeFailure
 from runtime.package import list_repository
@@ -297,17 +296,7 @@ def build_node_app(config: NodeConfig) -> web.Application:
         config.warmup_settings(),
         config.drain_timeout_s,
     )
-    tokens = parse_tokens(config.tokens, config.tokens_file)
-    app = web.Application(
-        middlewares=[
-            request_id_middleware,
-            error_middleware,
-            auth_middleware(tokens, config.metrics_public),
-            client_limit_middleware(config.max_concurrent_per_client),
-            require_peer_certificate(bool(config.tls_ca and config.tls_cert)),
-        ],
-        client_max_size=config.max_body_bytes,
-    )
+    app = new_app(config)
     app[CONFIG] = config
     app[REGISTRY] = registry
     app[METRICS] = Metrics(registry.loaded)

@@ -36,6 +36,7 @@ from exporter.shapes import (
     fold_constants,
     infer_shapes,
     measure_bytes,
+    pin_observed_dims,
     type_by_running,
     untyped,
 )
@@ -256,8 +257,10 @@ def _cut(
     missing = untyped(model, crossing)
     if missing:
         model = type_by_running(model, missing, samples[0], folder)
-        facts = analyse(model)
-        plans = plan_segments(facts, cuts, min_bytes)
+    # fixed dims where every sample agrees: spans get exact signatures (validation, warm-up)
+    model = pin_observed_dims(model, crossing, samples, folder)
+    facts = analyse(model)
+    plans = plan_segments(facts, cuts, min_bytes)
     paths = []
     segment_dir = work / "segments"
     segment_dir.mkdir()

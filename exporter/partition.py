@@ -40,6 +40,7 @@ class Boundary:
     largest_bytes: int  # the widest single tensor crossing (the hidden state at a block edge)
     left_bytes: int  # initializer bytes read before the cut
     right_bytes: int  # initializer bytes read at or after it (shared weights count twice)
+    shape_values: bool = False  # a small integer tensor made inside the graph crosses it
 
 
 @dataclass(frozen=True)
@@ -283,8 +284,33 @@ def boundaries(facts: GraphFacts) -> list[Boundary]:
         unknown = any(b is None for b in known)
         width = -1 if unknown else sum(b or 0 for b in known)
         largest = -1 if unknown else max((b or 0 for b in known), default=0)
-        result.append(Boundary(position, frontier, width, largest, left, right))
+        shapes = any(_is_shape_value(facts, n) for n in frontier)
+        result.append(Boundary(position, frontier, width, largest, left, right, shapes))
     return result
+
+
+_INTEGER_TYPES = {
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.INT16,
+    onnx.TensorProto.INT32,
+    onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.UINT16,
+    onnx.TensorProto.UINT32,
+    onnx.TensorProto.UINT64,
+}
+
+
+def _is_shape_value(facts: GraphFacts, name: str) -> bool:
+    """A few integers computed in the graph (a length, a shape): the next segment would depend
+    on their values, which a node cannot make up to warm a span, nor check against a signature."""
+    if facts.producer.get(name, -1) < 0:
+        return False  # graph inputs (ids, masks) cross freely
+    type_proto = facts.value_types.get(name)
+    if type_proto is None or type_proto.tensor_type.elem_type not in _INTEGER_TYPES:
+        return False
+    size = facts.tensor_bytes.get(name)
+    return size is not None and size <= 64
 
 
 def candidates(found: Sequence[Boundary], slack: float = 0.25) -> list[Boundary]:
@@ -312,6 +338,7 @@ def candidates(found: Sequence[Boundary], slack: float = 0.25) -> list[Boundary]
         for b in found
         if 0 <= b.largest_bytes <= hidden * (1 + slack)
         and b.frontier_bytes - b.largest_bytes < hidden
+        and not b.shape_values
     ]
 
 

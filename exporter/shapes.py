@@ -163,3 +163,62 @@ def fold_constants(path: Path, work: Path) -> Path:
         model, str(target), save_as_external_data=True, location=EXTERNAL_DATA, size_threshold=1024
     )
     return target
+
+
+def pin_observed_dims(
+    model: onnx.ModelProto,
+    names: list[str],
+    samples: list[dict[str, np.ndarray]],
+    folder: Path | None = None,
+) -> onnx.ModelProto:
+    """Type the tensors a cut hands over from runs on every sample: a dim that has the same
+    size in all of them (the 1 of a [batch, 1, 1, seq] mask, a hidden size) is fixed, the
+    others stay variable.
+
+    Shape inference often leaves such dims symbolic; a span's signature would then accept any
+    size there, and the node's warm-up (zeros of size 16 in every variable dim) would feed a
+    mask of the wrong shape.
+    """
+    graph_inputs = {i.name for i in model.graph.input}
+    wanted = [n for n in names if n not in graph_inputs]
+    if not wanted or not samples:
+        return model
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in existing)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = _session(probe, folder, options)
+        runs = [
+            session.run(wanted, {k: v for k, v in s.items() if k in graph_inputs}) for s in samples
+        ]
+    except Exception as exc:  # onnxruntime's errors are untyped
+        log.warning("could not observe the shapes of cut tensors (%s); keeping inferred ones", exc)
+        return model
+    shapes = {name: [np.asarray(r[i]).shape for r in runs] for i, name in enumerate(wanted)}
+    dtypes = {name: np.asarray(runs[0][i]).dtype for i, name in enumerate(wanted)}
+    typed = onnx.ModelProto()
+    typed.CopyFrom(model)
+    previous = {v.name: v for v in typed.graph.value_info}
+    kept = [v for v in typed.graph.value_info if v.name not in shapes]
+    del typed.graph.value_info[:]
+    typed.graph.value_info.extend(kept)
+    for name, seen in shapes.items():
+        if len({len(s) for s in seen}) != 1:
+            continue  # rank changes between samples: leave it to inference
+        old = previous.get(name)
+        old_dims = list(old.type.tensor_type.shape.dim) if old is not None else []
+        dims: list[int | str] = []
+        for axis, sizes in enumerate(zip(*seen, strict=True)):
+            if len(set(sizes)) == 1 and len(samples) > 1:
+                dims.append(int(sizes[0]))
+            elif axis < len(old_dims) and old_dims[axis].dim_param:
+                dims.append(old_dims[axis].dim_param)
+            else:
+                dims.append(f"{name}_dim{axis}")
+        elem = helper.np_dtype_to_tensor_dtype(dtypes[name])
+        typed.graph.value_info.append(helper.make_tensor_value_info(name, elem, dims))
+    return typed
