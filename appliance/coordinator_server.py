@@ -71,8 +71,8 @@ from runtime.codec import (
     parse_header_length,
 )
 from runtime.errors import ModelNotFound, ModelNotReady
-from runtime.manifest import MANIFEST_FILE, Manifest
-from runtime.package import PackageRef, list_repository, open_package
+from runtime.manifest import Manifest
+from runtime.package import PackageRef, list_repository, open_package, plain_manifest
 from runtime.signature import Signature, TensorSpec, validate_inputs, validate_output_names
 
 log = logging.getLogger(__name__)
@@ -192,9 +192,7 @@ class Coordinator:
 
     def _open(self, name: str) -> ModelEntry:
         package = open_package(self.repo, name)
-        if package.manifest is None:
-            raise ModelNotFound(f"{package.folder} has no {MANIFEST_FILE}; export it first")
-        manifest = package.manifest
+        manifest = package.manifest or plain_manifest(package)  # a plain model.onnx: 1 segment
         signature = Signature(
             inputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in manifest.inputs),
             outputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in manifest.outputs),

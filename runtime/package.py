@@ -201,3 +201,50 @@ def load_span(
         sessions[0].device,
     )
     return SpanRunner(sessions)
+
+
+def plain_manifest(package: PackageRef) -> Manifest:
+    """A manifest for a plain ``model.onnx`` package (one segment), read from the graph alone,
+    so a coordinator can place and ship it like an exported package."""
+    import onnx
+    from onnx import helper
+
+    from runtime.datatypes import v2_datatype
+    from runtime.manifest import TensorInfo
+
+    segment = package.segments[0]
+    graph = onnx.load(str(package.folder / segment.file), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+
+    def info(value: onnx.ValueInfoProto) -> TensorInfo:
+        tensor = value.type.tensor_type
+        try:
+            datatype = v2_datatype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        except (KeyError, TypeError) as exc:
+            raise ModelLoadError(
+                f"{value.name} of {package.folder} cannot be served: {exc}"
+            ) from exc
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        return TensorInfo(value.name, datatype, shape)
+
+    inputs = [info(v) for v in graph.input if v.name not in weights]
+    outputs = [info(v) for v in graph.output]
+    with_names = SegmentInfo(
+        segment.file,
+        segment.bytes,
+        segment.sha256,
+        [i.name for i in inputs],
+        [o.name for o in outputs],
+        segment.external_data,
+    )
+    return Manifest(
+        name=package.name,
+        version=package.version,
+        digest=package.digest,
+        opset=0,
+        source=f"onnx:{package.folder / segment.file}",
+        inputs=inputs,
+        outputs=outputs,
+        segments=[with_names],
+        default_stages=[[0, 0]],
+    )

@@ -301,3 +301,26 @@ def test_a_ring_with_auth_on_serves_token_holders_only(tmp_path: Path) -> None:
         assert error.value.code == 401
     finally:
         ring.stop()
+
+
+def test_a_plain_model_onnx_is_placed_and_served_by_the_ring(tmp_path: Path) -> None:
+    from tests.models import dense_model, put_model
+
+    put_model(tmp_path / "plain", "dense", dense_model(features=4, units=3))
+    ring = Ring(tmp_path, tmp_path / "plain")
+    ring.start_coordinator()
+    try:
+        ring.start_node("a")
+        ring.wait_members(1)
+        ring.load("dense", stages=1, replicas=1)
+        ring.wait_ready()
+        status, answer = http(
+            "POST",
+            ring.url + "/v2/models/dense/infer",
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [1.0] * 8}]},
+        )
+        assert status == 200 and answer["outputs"][0]["shape"] == [2, 3]
+        status, meta = http("GET", ring.url + "/v2/models/dense")
+        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+    finally:
+        ring.stop()
