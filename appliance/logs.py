@@ -87,6 +87,8 @@ class AccessLogger(AbstractAccessLogger):
     """One line per request: method, path, status, bytes, milliseconds, request id."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.path == "/internal/heartbeat" and response.status == 200:
+            return  # one per node per second: noise, not traffic
         self.logger.info(
             '%s "%s %s" %d %d %.2fms',
             request.remote,
