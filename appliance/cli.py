@@ -1,4 +1,4 @@
-"""The ``appliance`` command: ``serve`` (all-in-one) and ``node``; thin over the library."""
+"""The ``appliance`` command: serve, coordinator, node, export, install-units."""
 
 from __future__ import annotations
 
