@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -27,13 +26,13 @@ import numpy as np
 
 from bench.harness import Ring
 from bench.loadgen import run_load
+from bench.report import save_report
 from cache.keys import cache_key
 from cache.result_cache import CacheSettings, ResultCache
 from exporter.demo_model import build_demo_model
 from exporter.export import export_model
 from runtime.codec import encode_request
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DIGEST = "sha256:" + "ab" * 32
 
 
@@ -180,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         f"async jobs: {jobs['per_second']:.0f} accepted/s ({jobs['accepted']} of "
         f"{jobs['submitted']}, each durable before its 202)"
     )
-    out = args.out or RESULTS / f"cache-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_report(report, args.out, "cache")
     return 0
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.report import save_report
 
 _MAKE_MODEL = """
 import sys, torch
@@ -148,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             f"holding {label}: span {row['span_bytes'] / mib:.0f} MiB, RSS after warm-up "
             f"{row['rss'] / mib:.0f} MiB (aim <= {aim / mib:.0f} MiB)"
         )
-    out = args.out or RESULTS / f"export-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_report(report, args.out, "export")
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -32,12 +31,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bench.harness import Ring, http
 from bench.loadgen import run_load
+from bench.report import save_report
 from exporter.demo_model import build_demo_model
 from exporter.export import export_model
 from exporter.package_writer import write_package
 from runtime.codec import encode_request
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HIDDEN = 384
 
 
@@ -262,10 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{unload['rss_loaded'] / mib:.0f} MiB holding the demo model, "
         f"{unload['rss_after_unload'] / mib:.0f} MiB after unload"
     )
-    out = args.out or RESULTS / f"ring-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_report(report, args.out, "ring")
     return 0
 
 

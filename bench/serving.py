@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -26,13 +25,12 @@ from typing import Any
 import numpy as np
 
 from bench.loadgen import run_load, run_wrk
+from bench.report import save_report
 from runtime.codec import encode_request
 from runtime.datatypes import numpy_dtype
 from runtime.package import load_span, open_package
 from runtime.session import SessionSettings
 from runtime.signature import Signature
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def sample_inputs(signature: Signature, rows: int, tokens: int, seed: int = 0) -> dict[str, Any]:
@@ -274,10 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['mean_batch']:>7.1f}"
                 f"{row['failures']:>6}"
             )
-    out = args.out or RESULTS / f"serving-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_report(report, args.out, f"serving-{args.model}")
     return 0
 
 

@@ -1,0 +1,18 @@
+"""Where benchmark figures go: a JSON file under bench/results (or --out), then its path."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save_report(report: dict[str, Any], out: Path | None, stem: str) -> Path:
+    path = out or RESULTS / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
