@@ -36,12 +36,12 @@ from appliance.hop_client import HopClient, HopSettings
 from appliance.http_errors import status_of
 from appliance.metrics import LATENCY_BUCKETS
 from appliance.node_server import (
-    EXTENSIONS,
     HEADER_LENGTH,
-    SERVER_VERSION,
     deadline_from,
+    health_live,
     json_response,
     optional_json_object,
+    server_metadata,
     should_compress,
 )
 from appliance.placement import (
@@ -558,16 +558,6 @@ COORDINATOR = web.AppKey("coordinator", Coordinator)
 
 def _c(request: web.Request) -> Coordinator:
     return request.app[COORDINATOR]
-
-
-async def server_metadata(request: web.Request) -> web.Response:
-    return json_response(
-        {"name": "onnx-appliance", "version": SERVER_VERSION, "extensions": EXTENSIONS}
-    )
-
-
-async def health_live(request: web.Request) -> web.Response:
-    return json_response({"live": True})
 
 
 async def health_ready(request: web.Request) -> web.Response:

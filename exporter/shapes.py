@@ -39,6 +39,21 @@ def _session(
         path.unlink(missing_ok=True)
 
 
+def _probe_session(
+    model: onnx.ModelProto, outputs: list[str], folder: Path | None
+) -> ort.InferenceSession:
+    """A session of ``model`` that also returns ``outputs`` (inner tensors)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs if n not in existing)
+    options = ort.SessionOptions()
+    # keep every tensor as the graph makes it: fusions would rename or drop the ones asked for
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return _session(probe, folder, options)
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with inferred value_info; the model unchanged where inference fails."""
     try:
@@ -112,16 +127,8 @@ def measure_bytes(
     sizes = {n: int(np.asarray(feeds[n]).nbytes) for n in names if n in inputs and n in feeds}
     if not wanted:
         return sizes
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in existing)
-    options = ort.SessionOptions()
-    # keep every tensor as the graph makes it: fusions would rename or drop the ones asked for
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
     try:
-        session = _session(probe, folder, options)
+        session = _probe_session(model, wanted, folder)
         values = session.run(wanted, {k: v for k, v in feeds.items() if k in inputs})
     except Exception as exc:  # onnxruntime's errors are untyped
         log.warning("could not measure frontier tensors by a run (%s); using estimates", exc)
@@ -183,15 +190,8 @@ def pin_observed_dims(
     wanted = [n for n in names if n not in graph_inputs]
     if not wanted or not samples:
         return model
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in existing)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
     try:
-        session = _session(probe, folder, options)
+        session = _probe_session(model, wanted, folder)
         runs = [
             session.run(wanted, {k: v for k, v in s.items() if k in graph_inputs}) for s in samples
         ]
