@@ -1,5 +1,6 @@
 """The aiohttp application every server starts from: the same middleware stack in the same
-order (request id, typed errors, bearer tokens, per-client limit, ring-member certificates)."""
+order (request id, typed errors, signatures on internal calls, bearer tokens, per-client
+limit, ring-member certificates)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from aiohttp import web
 from appliance.auth import auth_middleware, client_limit_middleware, parse_tokens
 from appliance.http_errors import error_middleware
 from appliance.logs import request_id_middleware
+from appliance.signing import Signer, Verifier, parse_secrets, signature_middleware
 from appliance.tls import require_peer_certificate
 
 
@@ -30,15 +32,34 @@ class ServerSettings(Protocol):
     def tls_cert(self) -> str: ...
     @property
     def max_body_bytes(self) -> int: ...
+    @property
+    def cluster_secrets(self) -> list[str]: ...
+    @property
+    def cluster_secrets_file(self) -> str: ...
+    @property
+    def signature_window_s(self) -> float: ...
+
+
+def verifier_for(config: ServerSettings) -> Verifier | None:
+    secrets = parse_secrets(config.cluster_secrets, config.cluster_secrets_file)
+    return Verifier(secrets, config.signature_window_s) if secrets else None
+
+
+def signer_for(config: ServerSettings, sender: str) -> Signer | None:
+    secrets = parse_secrets(config.cluster_secrets, config.cluster_secrets_file)
+    return Signer(secrets[0], sender) if secrets else None
 
 
 def new_app(config: ServerSettings) -> web.Application:
     tokens = parse_tokens(config.tokens, config.tokens_file)
+    verifier = verifier_for(config)
     return web.Application(
         middlewares=[
             request_id_middleware,
             error_middleware,
-            auth_middleware(tokens, config.metrics_public),
+            # signed internal calls need no bearer token: the signature is the stronger proof
+            signature_middleware(verifier),
+            auth_middleware(tokens, config.metrics_public, signed_internal=verifier is not None),
             client_limit_middleware(config.max_concurrent_per_client),
             require_peer_certificate(bool(config.tls_ca and config.tls_cert)),
         ],

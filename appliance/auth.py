@@ -91,7 +91,7 @@ def authenticate(tokens: list[Token], header: str | None) -> Token | None:
 
 
 def auth_middleware(
-    tokens: list[Token], metrics_public: bool
+    tokens: list[Token], metrics_public: bool, signed_internal: bool = False
 ) -> Callable[..., Awaitable[web.StreamResponse]]:
     if not tokens:
         log.warning("auth is OFF: no tokens configured; anyone who reaches this port may use it")
@@ -102,7 +102,7 @@ def auth_middleware(
             request[CALLER] = ""
             return await handler(request)
         role = required_role(request.method, request.path, metrics_public)
-        if role == OPEN:
+        if role == OPEN or (signed_internal and request.path.startswith("/internal/")):
             request[CALLER] = ""
             return await handler(request)
         token = authenticate(tokens, request.headers.get("Authorization"))

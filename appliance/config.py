@@ -77,6 +77,20 @@ class NodeConfig:
     cluster_token: str = field(
         default="", metadata={"help": "admin token this process presents on internal calls"}
     )
+    cluster_secrets: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "HMAC secrets signing internal calls: the first signs, both are accepted "
+            "(two while rotating); none = internal calls unsigned"
+        },
+    )
+    cluster_secrets_file: str = field(
+        default="", metadata={"help": "file of cluster secrets, one per line (first signs)"}
+    )
+    signature_window_s: float = field(
+        default=30.0,
+        metadata={"help": "signed internal calls are accepted this close to the local clock"},
+    )
     max_concurrent_per_client: int = field(
         default=0, metadata={"help": "requests in flight per client before 429 (0: no limit)"}
     )
@@ -289,6 +303,20 @@ class CoordinatorConfig:
     metrics_public: bool = field(default=False, metadata={"help": "/metrics without a token"})
     cluster_token: str = field(
         default="", metadata={"help": "admin token this process presents on internal calls"}
+    )
+    cluster_secrets: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "HMAC secrets signing internal calls: the first signs, both are accepted "
+            "(two while rotating); none = internal calls unsigned"
+        },
+    )
+    cluster_secrets_file: str = field(
+        default="", metadata={"help": "file of cluster secrets, one per line (first signs)"}
+    )
+    signature_window_s: float = field(
+        default=30.0,
+        metadata={"help": "signed internal calls are accepted this close to the local clock"},
     )
     max_concurrent_per_client: int = field(
         default=0, metadata={"help": "requests in flight per client before 429 (0: no limit)"}

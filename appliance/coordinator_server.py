@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from appliance.app_base import new_app
+from appliance.app_base import new_app, signer_for
 from appliance.async_jobs import JobRunner
 from appliance.auth import (
     CALLER,
@@ -57,6 +57,7 @@ from appliance.request_policy import (
     parse_cache_control,
     wants_async,
 )
+from appliance.signing import check_sender
 from appliance.tls import client_context
 from cache.errors import JobNotFound
 from cache.job import Job
@@ -76,6 +77,7 @@ from runtime.package import PackageRef, list_repository, open_package, plain_man
 from runtime.signature import Signature, TensorSpec, validate_inputs, validate_output_names
 
 log = logging.getLogger(__name__)
+COORDINATOR_SENDER = "coordinator"  # the sender id on the coordinator's signed calls
 
 CACHE_HEADER = "X-Appliance-Cache"
 DEFAULT_CACHE_CONTROL = CacheControl()
@@ -748,6 +750,7 @@ async def _body_json(request: web.Request) -> Any:
 async def join(request: web.Request) -> web.Response:
     coordinator = _c(request)
     raw = await _body_json(request)
+    check_sender(request, raw.get("node_id") if isinstance(raw, dict) else None)
     now = time.monotonic()
     old_alive = False
     existing = (
@@ -779,7 +782,9 @@ async def _still_there(coordinator: Coordinator, member: Member) -> bool:
 
 async def heartbeat(request: web.Request) -> web.Response:
     coordinator = _c(request)
-    member = coordinator.cluster.heartbeat(await _body_json(request), time.monotonic())
+    raw = await _body_json(request)
+    check_sender(request, raw.get("node_id") if isinstance(raw, dict) else None)
+    member = coordinator.cluster.heartbeat(raw, time.monotonic())
     return json_response({"node_id": member.node_id})
 
 
@@ -787,6 +792,7 @@ async def leave(request: web.Request) -> web.Response:
     """A node stopping on purpose: out of routes at once, not after node_timeout_s."""
     coordinator = _c(request)
     raw = await _body_json(request)
+    check_sender(request, raw.get("node_id") if isinstance(raw, dict) else None)
     member = (
         coordinator.cluster.members.get(str(raw.get("node_id"))) if isinstance(raw, dict) else None
     )
@@ -848,8 +854,11 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
     async def start(app: web.Application) -> None:
         tls = client_context(config.tls_ca, config.tls_cert, config.tls_key)
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ssl=tls)
+        signer = signer_for(config, COORDINATOR_SENDER)
         coordinator.session = aiohttp.ClientSession(
-            connector=connector, headers=internal_headers(config.cluster_token)
+            connector=connector,
+            headers=internal_headers(config.cluster_token),
+            middlewares=(signer.client_middleware(),) if signer else (),
         )
         m = coordinator.metrics
         coordinator.hops = HopClient(

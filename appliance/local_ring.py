@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -25,6 +25,7 @@ from appliance.coordinator_server import COORDINATOR, build_coordinator_app
 from appliance.errors import ConfigError
 from appliance.node_server import start_app
 from appliance.sd_notify import notify, start_watchdog
+from appliance.signing import new_secret, parse_secrets
 from appliance.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,13 @@ class LocalRing:
 
 
 def node_command(
-    index: int, coordinator_url: str, work: Path, threads: int, budget: int, log_level: str
+    index: int,
+    coordinator_url: str,
+    work: Path,
+    threads: int,
+    budget: int,
+    log_level: str,
+    secrets_file: Path,
 ) -> list[str]:
     return [
         sys.executable,
@@ -63,12 +70,31 @@ def node_command(
         str(budget),
         "--log-level",
         log_level,
+        "--cluster-secrets-file",
+        str(secrets_file),
     ]
+
+
+def local_secrets_file(config: CoordinatorConfig, work: Path) -> Path:
+    """The configured cluster secrets, or a fresh one for this run: the local members sign
+    their internal calls like any ring (a file readable by this user only, not a flag: flags
+    show in ``ps``)."""
+    secrets = parse_secrets(config.cluster_secrets, config.cluster_secrets_file) or [
+        new_secret().encode()
+    ]
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "cluster-secrets"
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_bytes(b"".join(s + b"\n" for s in secrets))
+    return path
 
 
 async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path) -> int:
     if ring.nodes < 1:
         raise ConfigError(f"--nodes must be at least 1, got {ring.nodes}")
+    secrets_file = local_secrets_file(config, work)
+    config = replace(config, cluster_secrets=[], cluster_secrets_file=str(secrets_file))
     app = build_coordinator_app(config)
     tls = server_context(config.tls_cert, config.tls_key, config.tls_ca)
     runner, port = await start_app(app, config.host, config.port, config.access_log, tls)
@@ -80,7 +106,7 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
     processes = [
         # stdout is the coordinator's: its one "listening on" line is what scripts read
         subprocess.Popen(
-            node_command(i, url, work, threads, budget, ring.node_log_level),
+            node_command(i, url, work, threads, budget, ring.node_log_level, secrets_file),
             stdout=subprocess.DEVNULL,
         )
         for i in range(ring.nodes)

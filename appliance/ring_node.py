@@ -18,6 +18,7 @@ import psutil
 from aiohttp import web
 
 from appliance import ring_protocol as rp
+from appliance.app_base import signer_for
 from appliance.app_keys import CONFIG, REGISTRY
 from appliance.auth import internal_headers
 from appliance.body import read_body
@@ -303,8 +304,11 @@ def add_ring_routes(app: web.Application, config: NodeConfig) -> None:
     async def start(app: web.Application) -> None:
         tls = client_context(config.tls_ca, config.tls_cert, config.tls_key)
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ssl=tls)
+        signer = signer_for(config, app[IDENTITY]["node_id"])
         app[SESSION] = aiohttp.ClientSession(
-            connector=connector, headers=internal_headers(config.cluster_token)
+            connector=connector,
+            headers=internal_headers(config.cluster_token),
+            middlewares=(signer.client_middleware(),) if signer else (),
         )
         app[HOPS] = HopClient(app[SESSION], HopSettings(min_attempt_s=config.min_attempt_s))
 

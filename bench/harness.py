@@ -71,6 +71,18 @@ class Ring:
     coordinator: subprocess.Popen[str] | None = None
     nodes: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     node_urls: dict[str, str] = field(default_factory=dict)
+    signed: bool = True  # internal calls signed with a cluster secret made for this ring
+
+    @property
+    def secrets_file(self) -> Path:
+        path = self.work / "cluster-secrets"
+        if not path.exists():
+            self.work.mkdir(parents=True, exist_ok=True)
+            path.write_text(os.urandom(32).hex() + "\n")
+        return path
+
+    def _signing(self) -> list[str]:
+        return ["--cluster-secrets-file", str(self.secrets_file)] if self.signed else []
 
     @property
     def url(self) -> str:
@@ -92,6 +104,7 @@ class Ring:
                 "0.5",
                 "--log-level",
                 "info",
+                *self._signing(),
                 *extra,
             ],
             self.work / "coordinator.log",
@@ -117,6 +130,7 @@ class Ring:
                 "0.5",
                 "--log-level",
                 "info",
+                *self._signing(),
                 *extra,
             ],
             self.work / f"{node_id}.log",
