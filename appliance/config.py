@@ -49,6 +49,10 @@ class NodeConfig:
     max_body_bytes: int = field(
         default=64 * 1024 * 1024, metadata={"help": "request body limit, also after decompression"}
     )
+    max_tensor_elements: int = field(
+        default=16 * 1024 * 1024,
+        metadata={"help": "elements of one input tensor before 413 (0: no limit)"},
+    )
     compress_responses: Literal["auto", "always", "never"] = field(
         default="auto",
         metadata={
@@ -141,7 +145,12 @@ class NodeConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):
+        for name in (
+            "intra_op_threads",
+            "inter_op_threads",
+            "max_queue_delay_us",
+            "max_tensor_elements",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
@@ -269,6 +278,10 @@ class CoordinatorConfig:
     max_body_bytes: int = field(
         default=64 * 1024 * 1024, metadata={"help": "request body limit, also after decompression"}
     )
+    max_tensor_elements: int = field(
+        default=16 * 1024 * 1024,
+        metadata={"help": "elements of one input tensor before 413 (0: no limit)"},
+    )
     compress_responses: Literal["auto", "always", "never"] = field(
         default="auto", metadata={"help": "as for nodes"}
     )
@@ -337,6 +350,10 @@ class CoordinatorConfig:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if self.max_body_bytes < 1:
             raise ConfigError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
+        if self.max_tensor_elements < 0:
+            raise ConfigError(
+                f"max_tensor_elements must be 0 (no limit) or more, got {self.max_tensor_elements}"
+            )
 
 
 def settings_markdown() -> str:

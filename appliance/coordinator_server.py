@@ -71,7 +71,7 @@ from runtime.codec import (
     encode_response,
     parse_header_length,
 )
-from runtime.errors import ModelNotFound, ModelNotReady
+from runtime.errors import DeadlineExceeded, ModelNotFound, ModelNotReady
 from runtime.manifest import Manifest
 from runtime.package import PackageRef, list_repository, open_package, plain_manifest
 from runtime.signature import Signature, TensorSpec, validate_inputs, validate_output_names
@@ -442,7 +442,7 @@ class Coordinator:
         entry, placement = self.placed(name)
         if version is not None:
             self.entry(name, version)
-        decoded = decode_request(body, length)
+        decoded = decode_request(body, length, self.config.max_tensor_elements)
         validate_inputs(entry.signature, decoded.inputs)
         wanted = [o.name for o in decoded.outputs] if decoded.outputs else None
         if wanted:
@@ -470,9 +470,19 @@ class Coordinator:
             payload, payload_length = encode_request(decoded.inputs)
             assert self.hops is not None
             request_id = decoded.id or uuid.uuid4().hex[:16]
-            answer, answer_length = await self.hops.call(
-                route, name, entry.package.digest, request_id, deadline, payload, payload_length
-            )
+            try:
+                answer, answer_length = await self.hops.call(
+                    route, name, entry.package.digest, request_id, deadline, payload, payload_length
+                )
+            except NoLiveReplica as exc:
+                # the client's own timeout ran out, not the ring: 504, and not a 503 that
+                # tells it (and the job runner) to retry a request that cannot make it
+                if timeout is not None and time.time() >= deadline:
+                    raise DeadlineExceeded(
+                        f"the request's timeout of {decoded.parameters['timeout']} us passed "
+                        "before the ring answered"
+                    ) from exc
+                raise
             outputs = {n: decode_response(answer, answer_length).outputs[n] for n in names}
             if key is not None and cache_control.write and self.cache is not None:
                 self.cache.offer(key, outputs, policy.ttl_s)
@@ -493,7 +503,7 @@ class Coordinator:
         entry, _ = self.placed(name)
         if version is not None:
             self.entry(name, version)
-        decoded = decode_request(body, length)
+        decoded = decode_request(body, length, self.config.max_tensor_elements)
         validate_inputs(entry.signature, decoded.inputs)
         if decoded.outputs:
             validate_output_names(entry.signature, [o.name for o in decoded.outputs])

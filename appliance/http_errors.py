@@ -31,6 +31,7 @@ from runtime.errors import (
     ModelNotFound,
     ModelNotReady,
     Overloaded,
+    TooManyElements,
     VersionConflict,
 )
 
@@ -41,6 +42,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Order matters: the first class an error is an instance of decides its status.
 STATUS_OF: list[tuple[type[Exception], int]] = [
     (BodyTooLarge, 413),
+    (TooManyElements, 413),
     (Unauthorized, 401),
     (Forbidden, 403),
     (TooManyRequests, 429),

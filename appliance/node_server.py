@@ -142,7 +142,7 @@ async def _infer(
     model = app[REGISTRY].get(name, version)
     body = await read_body(request, app[CONFIG].max_body_bytes)
     header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
-    decoded = decode_request(body, header_length)
+    decoded = decode_request(body, header_length, app[CONFIG].max_tensor_elements)
     validate_inputs(model.signature, decoded.inputs)
     wanted = [o.name for o in decoded.outputs] if decoded.outputs else None
     if wanted:

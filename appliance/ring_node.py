@@ -93,7 +93,9 @@ async def hop(request: web.Request) -> web.Response:
         raise DeadlineExceeded(f"request {request_id}: deadline passed before span {first}-{last}")
     body = await read_body(request, app[CONFIG].max_body_bytes)
     decoded = decode_request(
-        body, parse_header_length(request.headers.get(rp.HEADER_LENGTH), len(body))
+        body,
+        parse_header_length(request.headers.get(rp.HEADER_LENGTH), len(body)),
+        app[CONFIG].max_tensor_elements,
     )
     validate_inputs(loaded.signature, decoded.inputs)
     local_deadline = time.monotonic() + rp.remaining(deadline)

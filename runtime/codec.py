@@ -28,7 +28,7 @@ import numpy as np
 import orjson
 
 from runtime.datatypes import ACCEPTED, V2_TO_NUMPY, v2_datatype
-from runtime.errors import CodecError, ShapeMismatch, UnsupportedDatatype
+from runtime.errors import CodecError, ShapeMismatch, TooManyElements, UnsupportedDatatype
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -136,8 +136,14 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
     return length
 
 
-def decode_request(body: bytes | bytearray | memoryview, header_length: int | None) -> InferRequest:
-    """Decode a v2 inference request body (pure JSON, or a JSON header then binary tensors)."""
+def decode_request(
+    body: bytes | bytearray | memoryview, header_length: int | None, max_elements: int = 0
+) -> InferRequest:
+    """Decode a v2 inference request body (pure JSON, or a JSON header then binary tensors).
+
+    ``max_elements`` (0: no limit) bounds each input tensor, checked on the declared shape
+    before anything is allocated: a body of a few bytes cannot ask for a huge array.
+    """
     header, tail = _split(body, header_length)
     doc = _load_object(header, "request", header_length is None)
     entries = doc.get("inputs")
@@ -149,6 +155,13 @@ def decode_request(body: bytes | bytearray | memoryview, header_length: int | No
     parameters = _parameters(doc, "request")
     outputs = _requested_outputs(doc.get("outputs"))
     specs = _specs(entries, "input", header_length is not None)
+    if max_elements:
+        for spec in specs:
+            if spec.count > max_elements:
+                raise TooManyElements(
+                    f"{spec.where}: shape {_dims(spec.shape)} has {_num(spec.count)} elements; "
+                    f"at most {max_elements:,} per tensor are accepted (max_tensor_elements)"
+                )
     return InferRequest(
         id=request_id,
         parameters=parameters,

@@ -19,6 +19,10 @@ class CodecError(InvalidRequest):
     """A v2 request body (JSON or binary) could not be decoded."""
 
 
+class TooManyElements(InvalidRequest):
+    """A tensor larger than the server's max_tensor_elements (maps to 413)."""
+
+
 class UnsupportedDatatype(InvalidRequest):
     """A datatype the v2 protocol or the model does not support."""
 

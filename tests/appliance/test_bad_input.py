@@ -28,7 +28,7 @@ def repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def node(start_node: StartNode, repo: Path) -> RunningNode:
-    return await start_node(repo, max_body_bytes=64 * 1024)
+    return await start_node(repo, max_body_bytes=64 * 1024, max_tensor_elements=4096)
 
 
 async def expect_error(
@@ -127,6 +127,18 @@ async def test_body_over_the_limit_is_413_also_once_decompressed(node: RunningNo
     await expect_error(
         node, 413, "decompressed", bomb, **{HEADER: str(length), "Content-Encoding": "gzip"}
     )
+
+
+async def test_a_tensor_over_max_tensor_elements_is_413_before_any_allocation(
+    node: RunningNode,
+) -> None:
+    body, length = encode_request({"x": np.ones((1025, 4), np.float32)})  # 4100 > 4096
+    assert len(body) < 64 * 1024  # under the body limit: the element limit answers
+    error = await expect_error(node, 413, "max_tensor_elements", body, **{HEADER: str(length)})
+    assert "4100 elements" in error["error"] and "4,096" in error["error"]
+    # a declared shape of 10^12 elements with almost no body is refused the same way
+    huge = with_input(shape=[1_000_000, 1_000_000], data=[1.0])
+    await expect_error(node, 413, "max_tensor_elements", huge)
 
 
 async def test_bad_timeout_parameter_and_token_out_of_range(node: RunningNode) -> None:

@@ -761,3 +761,16 @@ def test_property_corrupted_valid_bodies_raise_only_invalid_request(
     skew = data.draw(st.integers(-2, 2))
     length = None if header_length is None else header_length + skew
     _only_invalid_request(bytes(corrupted), length)
+
+
+def test_max_elements_is_checked_on_the_declared_shape_before_decoding() -> None:
+    from runtime.errors import TooManyElements
+
+    body, length = encode_request({"x": np.ones((2, 3), np.float32)})
+    assert decode_request(body, length, max_elements=6).inputs["x"].shape == (2, 3)
+    with pytest.raises(TooManyElements, match="6 elements; at most 5"):
+        decode_request(body, length, max_elements=5)
+    lying = b'{"inputs":[{"name":"x","shape":[4294967296,4294967296],"datatype":"FP32",'
+    lying += b'"data":[1]}]}'
+    with pytest.raises(TooManyElements, match="at most 100"):
+        decode_request(lying, None, max_elements=100)
