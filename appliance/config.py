@@ -275,6 +275,20 @@ class CoordinatorConfig:
     min_attempt_s: float = field(
         default=1.0, metadata={"help": "shortest time a hop attempt gets before failing over"}
     )
+    hop_batching: bool = field(
+        default=True,
+        metadata={
+            "help": "requests queued behind busy hops leave together as one hop (a lone "
+            "request never waits)"
+        },
+    )
+    max_hop_batch_rows: int = field(
+        default=32, metadata={"help": "rows per batched hop; keep <= the nodes' max_batch_size"}
+    )
+    hops_in_flight_per_replica: int = field(
+        default=2,
+        metadata={"help": "hops outstanding per first-span replica before requests queue up"},
+    )
     max_body_bytes: int = field(
         default=64 * 1024 * 1024, metadata={"help": "request body limit, also after decompression"}
     )
@@ -354,6 +368,9 @@ class CoordinatorConfig:
             raise ConfigError(
                 f"max_tensor_elements must be 0 (no limit) or more, got {self.max_tensor_elements}"
             )
+        for name in ("max_hop_batch_rows", "hops_in_flight_per_replica"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def settings_markdown() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -32,6 +34,7 @@ from appliance.body import read_body
 from appliance.cluster import Cluster, HeldSpan, Member
 from appliance.config import CoordinatorConfig
 from appliance.errors import BadRequest, NoLiveReplica
+from appliance.hop_batcher import HopBatcher
 from appliance.hop_client import HopClient, HopSettings
 from appliance.http_errors import status_of
 from appliance.metrics import LATENCY_BUCKETS
@@ -80,6 +83,7 @@ log = logging.getLogger(__name__)
 COORDINATOR_SENDER = "coordinator"  # the sender id on the coordinator's signed calls
 
 CACHE_HEADER = "X-Appliance-Cache"
+HOP_SAFE_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")  # request ids sent on as they are
 DEFAULT_CACHE_CONTROL = CacheControl()
 
 
@@ -148,6 +152,13 @@ class CoordinatorMetrics:
             ["what"],
             registry=r,
         )
+        self.hop_rows = Histogram(
+            "appliance_hop_rows",
+            "rows per hop into the ring (more than one: requests batched together)",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.hop_latency = Histogram(
             "appliance_hop_seconds",
             "first hop to its answer (the rest of the chain included)",
@@ -170,6 +181,7 @@ class Coordinator:
         self.metrics = CoordinatorMetrics()
         self.session: aiohttp.ClientSession | None = None
         self.hops: HopClient | None = None
+        self.hop_batchers: dict[tuple[str, str], HopBatcher] = {}
         self._loading: set[tuple[str, str, int, int]] = set()
         self._replacing: set[str] = set()
         self.cache_policies, self.default_cache_policy = model_cache_policies(
@@ -462,28 +474,19 @@ class Coordinator:
         self.metrics.cache.labels(name, outcome).inc()
         if outputs is None:
             timeout = deadline_from(decoded.parameters)
-            budget = (timeout - time.monotonic()) if timeout else self.config.request_timeout_s
-            deadline = time.time() + budget
-            route = self.cluster.route(
-                name, entry.package.digest, len(entry.sizes), placement, time.monotonic()
-            )
-            payload, payload_length = encode_request(decoded.inputs)
-            assert self.hops is not None
-            request_id = decoded.id or uuid.uuid4().hex[:16]
-            try:
-                answer, answer_length = await self.hops.call(
-                    route, name, entry.package.digest, request_id, deadline, payload, payload_length
+            # the id rides on hops as a header: one with control characters, spaces or
+            # kilobytes of text would fail the hop (a 500), so such an id names only the answer
+            safe = decoded.id and HOP_SAFE_ID.fullmatch(decoded.id)
+            request_id = decoded.id if safe and decoded.id else uuid.uuid4().hex[:16]
+            if self.config.hop_batching and timeout is None and entry.signature.batchable:
+                answered = await self._batcher(name, entry, placement).infer(
+                    decoded.inputs, request_id
                 )
-            except NoLiveReplica as exc:
-                # the client's own timeout ran out, not the ring: 504, and not a 503 that
-                # tells it (and the job runner) to retry a request that cannot make it
-                if timeout is not None and time.time() >= deadline:
-                    raise DeadlineExceeded(
-                        f"the request's timeout of {decoded.parameters['timeout']} us passed "
-                        "before the ring answered"
-                    ) from exc
-                raise
-            outputs = {n: decode_response(answer, answer_length).outputs[n] for n in names}
+            else:
+                answered = await self._hop(
+                    name, entry, placement, decoded.inputs, request_id, timeout
+                )
+            outputs = {n: answered[n] for n in names}
             if key is not None and cache_control.write and self.cache is not None:
                 self.cache.offer(key, outputs, policy.ttl_s)
         out, out_length = encode_response(
@@ -495,6 +498,57 @@ class Coordinator:
             {"cache": "hit"} if outcome == "hit" else None,
         )
         return out, out_length, outcome
+
+    async def _hop(
+        self,
+        name: str,
+        entry: ModelEntry,
+        placement: Placement,
+        inputs: dict[str, np.ndarray],
+        request_id: str,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """One hop into the ring with these inputs: every output of the model's last span.
+        ``timeout``: the request's own deadline (monotonic), else request_timeout_s."""
+        budget = (timeout - time.monotonic()) if timeout else self.config.request_timeout_s
+        deadline = time.time() + budget
+        route = self.cluster.route(
+            name, entry.package.digest, len(entry.sizes), placement, time.monotonic()
+        )
+        payload, payload_length = encode_request(inputs)
+        assert self.hops is not None
+        try:
+            answer, answer_length = await self.hops.call(
+                route, name, entry.package.digest, request_id, deadline, payload, payload_length
+            )
+        except NoLiveReplica as exc:
+            # the client's own timeout ran out, not the ring: 504, and not a 503 that
+            # tells it (and the job runner) to retry a request that cannot make it
+            if timeout is not None and time.time() >= deadline:
+                raise DeadlineExceeded(
+                    f"request {request_id}: its timeout passed before the ring answered"
+                ) from exc
+            raise
+        self.metrics.hop_rows.labels(name).observe(next(iter(inputs.values())).shape[0])
+        return decode_response(answer, answer_length).outputs
+
+    def _batcher(self, name: str, entry: ModelEntry, placement: Placement) -> HopBatcher:
+        """The model's hop batcher (a new one when the model's bytes change)."""
+        key = (name, entry.package.digest)
+        batcher = self.hop_batchers.get(key)
+        if batcher is None:
+            for old in [k for k in self.hop_batchers if k[0] == name]:
+                del self.hop_batchers[old]  # its hops in flight finish on their own
+
+            async def send(inputs: dict[str, np.ndarray], request_id: str) -> dict[str, np.ndarray]:
+                current, now_placed = self.placed(name)  # replicas may have moved meanwhile
+                return await self._hop(name, current, now_placed, inputs, request_id)
+
+            batcher = HopBatcher(send, self.config.max_hop_batch_rows, 1)
+            self.hop_batchers[key] = batcher
+        replicas = len(placement.spans[0].replicas) if placement.spans else 1
+        batcher.max_in_flight = self.config.hops_in_flight_per_replica * max(1, replicas)
+        return batcher
 
     async def _submit_job(
         self, name: str, version: str | None, body: bytes, length: int | None, owner: str
@@ -655,9 +709,11 @@ async def repository_index(request: web.Request) -> web.Response:
 
 async def repository_load(request: web.Request) -> web.Response:
     options = await optional_json_object(request)
-    parameters = options.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise BadRequest("parameters must be a JSON object")
+    parameters = options.get("parameters")
+    if parameters is None:
+        parameters = {}
+    if not isinstance(parameters, dict):  # not `or {}`: [], false or "" are mistakes, not defaults
+        raise BadRequest(f"parameters must be a JSON object, got {type(parameters).__name__}")
     stages, replicas = parameters.get("stages"), parameters.get("replicas")
     for key, value in (("stages", stages), ("replicas", replicas)):
         if value is not None and (

@@ -89,9 +89,11 @@ _WRK_SCRIPT = """
 local f = io.open(os.getenv("BENCH_BODY"), "rb"); local body = f:read("*all"); f:close()
 wrk.method = "POST"
 wrk.body = body
-wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
-local hl = os.getenv("BENCH_HEADER_LENGTH")
-if hl ~= "" then wrk.headers["Inference-Header-Content-Length"] = hl end
+wrk.headers["Content-Type"] = "application/octet-stream"
+for line in string.gmatch(os.getenv("BENCH_HEADERS"), "[^\\n]+") do
+  local name, value = string.match(line, "^([^:]+): (.*)$")
+  wrk.headers[name] = value
+end
 done = function(summary, latency, requests)
   io.write(string.format("BENCH %d %d %d %.3f %.3f\\n", summary.requests,
     summary.errors.status + summary.errors.connect + summary.errors.read
@@ -122,8 +124,8 @@ def run_wrk(
         env = {
             **os.environ,
             "BENCH_BODY": body_path,
-            "BENCH_CONTENT_TYPE": headers.get("Content-Type", "application/octet-stream"),
-            "BENCH_HEADER_LENGTH": headers.get("Inference-Header-Content-Length", ""),
+            # every header the aiohttp load sends (Cache-Control included), one per line
+            "BENCH_HEADERS": "".join(f"{k}: {v}\n" for k, v in headers.items()),
         }
         for duration in (1, max(1, round(seconds))):
             out = subprocess.run(
