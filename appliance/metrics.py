@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from appliance.gpu_memory import GpuMemory, gpu_memory
 from runtime.registry import LoadedModel
 
 LATENCY_BUCKETS = (
@@ -75,6 +76,24 @@ class _ModelCollector(Collector):
         memory = GaugeMetricFamily("appliance_process_resident_bytes", "resident memory (RSS)")
         memory.add_metric([], self._process.memory_info().rss)
         yield memory
+        yield from gpu_memory_metrics(gpu_memory())
+
+
+def gpu_memory_metrics(gpus: list[GpuMemory]) -> Iterable[Metric]:
+    """appliance_gpu_memory_bytes{gpu, name, what=used|total|process}; nothing without a GPU."""
+    if not gpus:
+        return
+    family = GaugeMetricFamily(
+        "appliance_gpu_memory_bytes",
+        "GPU memory: used and total on the device, and held by this process",
+        labels=["gpu", "name", "what"],
+    )
+    for gpu in gpus:
+        family.add_metric([str(gpu.index), gpu.name, "used"], gpu.used_bytes)
+        family.add_metric([str(gpu.index), gpu.name, "total"], gpu.total_bytes)
+        if gpu.process_bytes is not None:
+            family.add_metric([str(gpu.index), gpu.name, "process"], gpu.process_bytes)
+    yield family
 
 
 class Metrics:

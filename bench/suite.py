@@ -132,9 +132,9 @@ def node(model: Model, threads: int, batch: int) -> Iterator[str]:
 
 
 @contextmanager
-def ring(work: Path, model: Model, nodes: int, threads: int) -> Iterator[str]:
+def ring(work: Path, model: Model, nodes: int, threads: int, *flags: str) -> Iterator[str]:
     harness = Ring(work / f"ring-{model.name}-{nodes}-{time.monotonic_ns()}", model.repo)
-    harness.start_coordinator()
+    harness.start_coordinator(*flags)
     try:
         for index in range(nodes):
             harness.start_node(f"n{index}", threads=threads)
@@ -259,16 +259,27 @@ def run_suite(work: Path, quick: bool, seconds: float, threads: int, ray: bool) 
                         _measure(url, body, headers, 32, seconds),
                     )
                 )
-            with ring(work, model, 1, threads) as url:
+            with ring(work, model, 1, threads, "--no-hop-batching") as url:
                 points.append(
                     _point(
-                        "coordinator + node",
+                        "coordinator + node, one hop per request (before the fix)",
                         model,
                         tokens,
                         "binary",
                         _measure(url, body, headers, 32, seconds),
                     )
                 )
+            with ring(work, model, 1, threads) as url:
+                for c in sweep:
+                    points.append(
+                        _point(
+                            "coordinator + node",
+                            model,
+                            tokens,
+                            "binary",
+                            _measure(url, body, headers, c, seconds),
+                        )
+                    )
                 cached = {k: v for k, v in headers.items() if k != "Cache-Control"}
                 points.append(
                     _point(
