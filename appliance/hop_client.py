@@ -126,6 +126,11 @@ class HopClient:
                     status = response.status
                     length = response.headers.get(rp.HEADER_LENGTH)
             except (aiohttp.ClientError, TimeoutError) as exc:
+                fair = max(self.settings.min_attempt_s, usual)
+                if isinstance(exc, TimeoutError) and timeout < fair:
+                    # the request's own deadline cut the attempt short: not the replica's
+                    # fault (a client sending tiny timeouts must not eject healthy nodes)
+                    break
                 self.eject(url, f"{type(exc).__name__}: {exc}")
                 continue
             finally:
@@ -138,6 +143,8 @@ class HopClient:
                 return payload, int(length) if length is not None else None
             message = _error_text(payload, status)
             if status in RETRYABLE:
+                if rp.remaining(deadline) <= 0:
+                    break  # the deadline ran out downstream: nothing to blame this replica for
                 self.eject(url, f"{status}: {message}")
                 continue
             raise UpstreamError(status, message)

@@ -82,7 +82,8 @@ def canonical(
     body: bytes,
 ) -> bytes:
     """The bytes the HMAC covers; both sides build them from what travels on the wire."""
-    routing = [f"{name.lower()}:{headers.get(name, '')}" for name in SIGNED_HEADERS]
+    # stripped: HTTP parsers drop the whitespace around a header value on the way
+    routing = [f"{name.lower()}:{headers.get(name, '').strip()}" for name in SIGNED_HEADERS]
     parts = [method.upper(), path_qs, timestamp, nonce, sender, *routing]
     parts.append(hashlib.sha256(body).hexdigest())
     return "\n".join(parts).encode()

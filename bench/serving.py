@@ -145,7 +145,8 @@ async def measure_node(
         await node.wait_ready()
         url = f"{node.url}/v2/models/{model}/infer"
         rows = []
-        async with aiohttp.ClientSession() as session:
+        auth = {k: v for k, v in headers.items() if k == "Authorization"}
+        async with aiohttp.ClientSession(headers=auth) as session:
             for concurrency in sweep:
                 before = await _stats(session, node.url, model)
                 if client == "wrk":
@@ -201,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="one model, concurrency 32, batching on, binary, a few seconds",
     )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="also measure the node with a bearer token required (and sent), in the same run",
+    )
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/...)")
     args = parser.parse_args(argv)
 
@@ -234,11 +240,24 @@ def main(argv: list[str] | None = None) -> int:
     modes = {"batching": ["--max-batch-size", str(args.max_batch_size)]}
     if not args.quick:
         modes["max_batch_size=1"] = ["--max-batch-size", "1"]
+    mode_headers = {mode: headers for mode in modes}
+    if args.auth:
+        token = os.urandom(16).hex()
+        # an admin token: the bench also reads /v2/models/*/stats, an admin path
+        modes["batching, auth on"] = [*modes["batching"], "--tokens", f"admin:{token}"]
+        mode_headers["batching, auth on"] = {**headers, "Authorization": f"Bearer {token}"}
     results: dict[str, list[dict[str, Any]]] = {}
     for mode, flags in modes.items():
         results[mode] = asyncio.run(
             measure_node(
-                args.model_repo, args.model, common + flags, body, headers, sweep, seconds, client
+                args.model_repo,
+                args.model,
+                common + flags,
+                body,
+                mode_headers[mode],
+                sweep,
+                seconds,
+                client,
             )
         )
 
@@ -260,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"in-process limit (session.run, batches of 32): {limit['rows_per_s']:.1f} rows/s")
     print(
-        f"{'mode':<18}{'conc':>6}{'req/s':>10}{'x limit':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'mode':<20}{'conc':>6}{'req/s':>10}{'x limit':>9}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'batch':>7}{'fail':>6}"
     )
     for mode, rows in results.items():
@@ -268,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = row["throughput_rps"] / limit["rows_per_s"]
             row["ratio_to_limit"] = round(ratio, 3)
             print(
-                f"{mode:<18}{row['concurrency']:>6}{row['throughput_rps']:>10.1f}{ratio:>9.2f}"
+                f"{mode:<20}{row['concurrency']:>6}{row['throughput_rps']:>10.1f}{ratio:>9.2f}"
                 f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['mean_batch']:>7.1f}"
                 f"{row['failures']:>6}"
             )

@@ -1,0 +1,86 @@
+"""Failover between replicas over real HTTP: who gets ejected, and who does not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from appliance.errors import NoLiveReplica
+from appliance.hop_client import HopClient, HopSettings
+from appliance.ring_protocol import RouteStep
+
+
+async def serve(delay_s: float, status: int = 200) -> tuple[web.AppRunner, str]:
+    async def hop(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(delay_s)
+        return web.Response(status=status, body=b'{"error": "busy"}' if status != 200 else b"ok")
+
+    app = web.Application()
+    app.router.add_post("/internal/hop", hop)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[Callable[..., asyncio.Future[str]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(delay_s: float, status: int = 200) -> str:
+        runner, url = await serve(delay_s, status)
+        runners.append(runner)
+        return url
+
+    yield start  # type: ignore[misc]
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def call(client: HopClient, urls: list[str], deadline_s: float) -> bytes:
+    route = [RouteStep(0, 1, tuple(urls))]
+    body, _ = await client.call(route, "m", "d", "r1", time.time() + deadline_s, b"x", None)
+    return body
+
+
+async def test_a_hung_replica_with_its_fair_attempt_is_ejected_and_the_next_answers(
+    replicas: Callable[..., asyncio.Future[str]],
+) -> None:
+    slow, fast = await replicas(5.0), await replicas(0.0)
+    async with aiohttp.ClientSession() as session:
+        client = HopClient(session, HopSettings(min_attempt_s=0.1), seed=1)
+        for _ in range(4):
+            assert await call(client, [slow, fast], 3.0) == b"ok"
+        assert client.is_ejected(slow) and not client.is_ejected(fast)
+
+
+async def test_a_request_whose_own_deadline_is_tiny_ejects_no_one(
+    replicas: Callable[..., asyncio.Future[str]],
+) -> None:
+    a, b = await replicas(0.2), await replicas(0.2)
+    async with aiohttp.ClientSession() as session:
+        client = HopClient(session, HopSettings(min_attempt_s=1.0), seed=1)
+        for _ in range(3):
+            with pytest.raises(NoLiveReplica):
+                await call(client, [a, b], 0.05)
+        assert client.ejected == {}
+        assert await call(client, [a, b], 3.0) == b"ok"
+
+
+async def test_a_503_inside_the_deadline_ejects_and_fails_over(
+    replicas: Callable[..., asyncio.Future[str]],
+) -> None:
+    refusing, good = await replicas(0.0, status=503), await replicas(0.0)
+    async with aiohttp.ClientSession() as session:
+        client = HopClient(session, HopSettings(min_attempt_s=0.05), seed=1)
+        for _ in range(3):
+            assert await call(client, [refusing, good], 2.0) == b"ok"
+        assert client.is_ejected(refusing) and not client.is_ejected(good)
