@@ -49,11 +49,14 @@ def _start(args: list[str], log: Path) -> tuple[subprocess.Popen[str], str]:
     return process, match.group(0)
 
 
-def http(method: str, url: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
+def http(
+    method: str, url: str, body: Any = None, timeout: float = 30, token: str = ""
+) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read()
@@ -72,6 +75,7 @@ class Ring:
     nodes: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     node_urls: dict[str, str] = field(default_factory=dict)
     signed: bool = True  # internal calls signed with a cluster secret made for this ring
+    token: str = ""  # an admin token the harness's own calls present (when auth is on)
 
     @property
     def secrets_file(self) -> Path:
@@ -142,7 +146,7 @@ class Ring:
     def wait_members(self, count: int, timeout_s: float = 60) -> dict[str, Any]:
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
-            status, view = http("GET", self.url + "/v2/cluster")
+            status, view = http("GET", self.url + "/v2/cluster", token=self.token)
             if status == 200 and sum(n["healthy"] for n in view["nodes"]) >= count:
                 return view  # type: ignore[no-any-return]
             time.sleep(0.1)
@@ -162,6 +166,7 @@ class Ring:
             f"{self.url}/v2/repository/models/{model}/load",
             {"parameters": {"stages": stages, "replicas": replicas}},
             timeout=120,
+            token=self.token,
         )
         assert status == 200, body
 

@@ -36,10 +36,13 @@ from bench.loadgen import run_load, run_wrk
 from bench.report import save_report
 from bench.suite import DOCS, Model, _v2_body, prepare_models
 
-# (label, coordinator flags): the first is the baseline (the design before the fix)
-VARIANTS: list[tuple[str, list[str]]] = [
-    ("one hop per request (before)", ["--no-hop-batching"]),
-    ("hop batching (after)", ["--hop-batching"]),
+TOKEN = "bench-profile-" + "t" * 24
+# (label, coordinator flags, internal calls signed, bearer token required): the first is the
+# baseline (the design before the fix); the last prices auth and signing on the hot path
+VARIANTS: list[tuple[str, list[str], bool, bool]] = [
+    ("one hop per request (before)", ["--no-hop-batching"], False, False),
+    ("hop batching (after)", ["--hop-batching"], False, False),
+    ("hop batching, auth + signed hops", ["--hop-batching"], True, True),
 ]
 
 
@@ -49,17 +52,27 @@ class Variant:
     flags: list[str]
     ring: Ring
     url: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
-def start_variant(work: Path, model: Model, label: str, flags: list[str], threads: int) -> Variant:
-    ring = Ring(work / re.sub(r"\W+", "-", label), model.repo)
-    ring.start_coordinator("--log-level", "warning", *flags)
+def start_variant(
+    work: Path, model: Model, variant: tuple[str, list[str], bool, bool], threads: int
+) -> Variant:
+    label, flags, signed, auth = variant
+    ring = Ring(work / re.sub(r"\W+", "-", label), model.repo, signed=signed)
+    ring.token = TOKEN if auth else ""
+    tokens = ["--tokens", f"admin:{TOKEN}"] if auth else []
+    ring.start_coordinator("--log-level", "warning", *flags, *tokens)
     ring.start_node("n0", "--log-level", "warning", threads=threads)
     ring.wait_members(1)
     ring.load(model.name, 1, 1)
     ring.wait_ready()
-    return Variant(label, flags, ring, f"{ring.url}/v2/models/{model.name}/infer")
+    headers = {"Authorization": f"Bearer {TOKEN}"} if auth else {}
+    url = f"{ring.url}/v2/models/{model.name}/infer"
+    shown = flags + (["--tokens admin:…"] if auth else [])
+    shown += ["--cluster-secrets-file …"] if signed else []
+    return Variant(label, shown, ring, url, headers)
 
 
 def measure(url: str, body: bytes, headers: dict[str, str], seconds: float) -> dict[str, Any]:
@@ -156,21 +169,19 @@ def main(argv: list[str] | None = None) -> int:
         wanted = "minilm" if args.model in ("auto", "minilm") else "demo"
         model = next((m for m in models if m.name == wanted), models[0])
         body, headers = _v2_body(model, args.tokens, binary=True)
-        variants = [
-            start_variant(work, model, label, flags, args.threads) for label, flags in VARIANTS
-        ]
+        variants = [start_variant(work, model, variant, args.threads) for variant in VARIANTS]
         try:
             for v in variants:  # warm every path before anything is counted
-                measure(v.url, body, headers, 2)
+                measure(v.url, body, {**headers, **v.headers}, 2)
             profiles = []
             for v in variants:
                 out = work / f"spy-{len(profiles)}"
                 out.mkdir()
-                profiles.append(profile(v, body, headers, args.seconds, out))
+                profiles.append(profile(v, body, {**headers, **v.headers}, args.seconds, out))
             for index in range(args.rounds):
                 order = variants if index % 2 == 0 else variants[::-1]
                 for v in order:
-                    v.rounds.append(measure(v.url, body, headers, args.seconds))
+                    v.rounds.append(measure(v.url, body, {**headers, **v.headers}, args.seconds))
                     print(
                         f"round {index + 1} {v.label}: {v.rounds[-1]['throughput_rps']:.1f} req/s",
                         flush=True,
