@@ -1,6 +1,6 @@
 """The aiohttp application every server starts from: the same middleware stack in the same
-order (request id, typed errors, signatures on internal calls, bearer tokens, per-client
-limit, ring-member certificates)."""
+order (request id, typed errors, ring-member certificates, signatures on internal calls,
+bearer tokens, per-client limit)."""
 
 from __future__ import annotations
 
@@ -57,11 +57,12 @@ def new_app(config: ServerSettings) -> web.Application:
         middlewares=[
             request_id_middleware,
             error_middleware,
+            # the outer layer first: internal paths only from holders of a cluster certificate
+            require_peer_certificate(bool(config.tls_ca and config.tls_cert)),
             # signed internal calls need no bearer token: the signature is the stronger proof
             signature_middleware(verifier),
             auth_middleware(tokens, config.metrics_public, signed_internal=verifier is not None),
             client_limit_middleware(config.max_concurrent_per_client),
-            require_peer_certificate(bool(config.tls_ca and config.tls_cert)),
         ],
         client_max_size=config.max_body_bytes,
     )

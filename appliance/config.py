@@ -81,6 +81,10 @@ class NodeConfig:
     cluster_token: str = field(
         default="", metadata={"help": "admin token this process presents on internal calls"}
     )
+    lean_hops: bool = field(
+        default=True,
+        metadata={"help": "hops over a lean keep-alive HTTP/1.1 client (false: aiohttp's)"},
+    )
     cluster_secrets: list[str] = field(
         default_factory=list,
         metadata={
@@ -330,6 +334,10 @@ class CoordinatorConfig:
     metrics_public: bool = field(default=False, metadata={"help": "/metrics without a token"})
     cluster_token: str = field(
         default="", metadata={"help": "admin token this process presents on internal calls"}
+    )
+    lean_hops: bool = field(
+        default=True,
+        metadata={"help": "hops over a lean keep-alive HTTP/1.1 client (false: aiohttp's)"},
     )
     cluster_secrets: list[str] = field(
         default_factory=list,

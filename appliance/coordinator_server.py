@@ -36,6 +36,7 @@ from appliance.config import CoordinatorConfig
 from appliance.errors import BadRequest, NoLiveReplica
 from appliance.hop_batcher import HopBatcher
 from appliance.hop_client import HopClient, HopSettings
+from appliance.hop_transport import close_hop_post, hop_post
 from appliance.http_errors import status_of
 from appliance.metrics import LATENCY_BUCKETS
 from appliance.node_server import (
@@ -928,7 +929,7 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
         )
         m = coordinator.metrics
         coordinator.hops = HopClient(
-            coordinator.session,
+            hop_post(config, coordinator.session, signer, tls),
             HopSettings(min_attempt_s=config.min_attempt_s),
             on_attempt=lambda url: m.hop_attempts.labels(url).inc(),
             on_retry=lambda url: m.retries.labels(url).inc(),
@@ -971,6 +972,8 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
             coordinator.cache.close()
         if coordinator.session is not None:
             await coordinator.session.close()
+        if coordinator.hops is not None:
+            await close_hop_post(coordinator.hops.post)
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

@@ -20,6 +20,7 @@ import orjson
 from appliance import ring_protocol as rp
 from appliance.balancer import ReplicaStats, order_for_failover, record_latency
 from appliance.errors import NoLiveReplica, UpstreamError
+from appliance.hop_transport import HopPost, HopTransportError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class HopSettings:
 class HopClient:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        post: HopPost,
         settings: HopSettings = HopSettings(),
         on_attempt: Callable[[str], None] | None = None,
         on_retry: Callable[[str], None] | None = None,
@@ -51,7 +52,7 @@ class HopClient:
         on_success: Callable[[str, float], None] | None = None,
         seed: int | None = None,
     ) -> None:
-        self.session = session
+        self.post = post
         self.settings = settings
         self.stats: dict[str, ReplicaStats] = {}
         self.ejected: dict[str, _Ejection] = {}
@@ -116,16 +117,10 @@ class HopClient:
             replica.outstanding += 1
             started = time.perf_counter()
             try:
-                async with self.session.post(
-                    url + "/internal/hop",
-                    data=body,
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=timeout),
-                ) as response:
-                    payload = await response.read()
-                    status = response.status
-                    length = response.headers.get(rp.HEADER_LENGTH)
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                answer = await self.post(url + "/internal/hop", headers, body, timeout)
+                payload, status = answer.body, answer.status
+                length = answer.headers.get(rp.HEADER_LENGTH.lower())
+            except (aiohttp.ClientError, HopTransportError, TimeoutError) as exc:
                 fair = max(self.settings.min_attempt_s, usual)
                 if isinstance(exc, TimeoutError) and timeout < fair:
                     # the request's own deadline cut the attempt short: not the replica's

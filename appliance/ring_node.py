@@ -25,6 +25,7 @@ from appliance.body import read_body
 from appliance.config import NodeConfig
 from appliance.errors import BadRequest, DigestMismatch
 from appliance.hop_client import HopClient, HopSettings
+from appliance.hop_transport import close_hop_post, hop_post
 from appliance.tls import client_context
 from runtime.codec import decode_request, encode_request, encode_response, parse_header_length
 from runtime.errors import DeadlineExceeded, ModelLoadError, ModelNotFound
@@ -312,10 +313,14 @@ def add_ring_routes(app: web.Application, config: NodeConfig) -> None:
             headers=internal_headers(config.cluster_token),
             middlewares=(signer.client_middleware(),) if signer else (),
         )
-        app[HOPS] = HopClient(app[SESSION], HopSettings(min_attempt_s=config.min_attempt_s))
+        app[HOPS] = HopClient(
+            hop_post(config, app[SESSION], signer, tls),
+            HopSettings(min_attempt_s=config.min_attempt_s),
+        )
 
     async def stop(app: web.Application) -> None:
         await app[SESSION].close()
+        await close_hop_post(app[HOPS].post)
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

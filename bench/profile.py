@@ -40,9 +40,15 @@ TOKEN = "bench-profile-" + "t" * 24
 # (label, coordinator flags, internal calls signed, bearer token required): the first is the
 # baseline (the design before the fix); the last prices auth and signing on the hot path
 VARIANTS: list[tuple[str, list[str], bool, bool]] = [
-    ("one hop per request (before)", ["--no-hop-batching"], False, False),
-    ("hop batching (after)", ["--hop-batching"], False, False),
-    ("hop batching, auth + signed hops", ["--hop-batching"], True, True),
+    (
+        "one hop per request, aiohttp client (before)",
+        ["--no-hop-batching", "--no-lean-hops"],
+        False,
+        False,
+    ),
+    ("one hop per request, lean hop client", ["--no-hop-batching"], False, False),
+    ("hop batching + lean hop client (after)", [], False, False),
+    ("after, with auth + signed hops", [], True, True),
 ]
 
 

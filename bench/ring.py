@@ -75,25 +75,27 @@ def latency_p50(url: str, model: str, body: bytes, length: int | None, count: in
     return result.percentile(50)
 
 
-def bench_hop(work: Path, spans: int, count: int) -> dict[str, Any]:
+def bench_hop(work: Path, spans: int, count: int, flags: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``flags`` go to the coordinator and every node (e.g. ``--no-lean-hops``)."""
     repo = work / "identity-repo"
-    write_package(
-        repo,
-        "identity",
-        1,
-        [identity_segment(k, k == spans - 1) for k in range(spans)],
-        source="bench:identity",
-        default_stages=[[k, k] for k in range(spans)],
-    )
+    if not repo.exists():
+        write_package(
+            repo,
+            "identity",
+            1,
+            [identity_segment(k, k == spans - 1) for k in range(spans)],
+            source="bench:identity",
+            default_stages=[[k, k] for k in range(spans)],
+        )
     x = np.random.default_rng(0).normal(size=(1, 16, HIDDEN)).astype(np.float32)
     body, length = encode_request({"h0": x})
     p50 = {}
     for k in (1, spans):
-        ring = Ring(work / f"hop-{k}", repo)
-        ring.start_coordinator()
+        ring = Ring(work / f"hop-{k}-{'-'.join(flags) or 'default'}", repo)
+        ring.start_coordinator(*flags)
         try:
             for i in range(k):
-                ring.start_node(f"n{i}")
+                ring.start_node(f"n{i}", *flags)
             ring.wait_members(k)
             ring.load("identity", stages=k, replicas=1)
             ring.wait_ready()
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         repo = work / "demo-repo"
         export_model(build_demo_model(), repo, "demo", source_label="builtin:demo")
+        # the hop client before (aiohttp's) and after (the lean one), in the same run
+        hop_aiohttp = bench_hop(work, args.spans, args.hop_requests, ("--no-lean-hops",))
         hop = bench_hop(work, args.spans, args.hop_requests)
         throughput = bench_throughput(work, repo, args.seconds)
         kill = bench_kill(work, repo)
@@ -236,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "cpus": os.cpu_count(),
         "hop": hop,
+        "hop_aiohttp_client": hop_aiohttp,
         "throughput": throughput,
         "kill": kill,
         "unload": unload,
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         f"per extra span (identity spans, [1,16,{HIDDEN}] fp32, concurrency 1): "
         f"{hop['per_extra_span_ms']:.3f} ms p50 (aim <= 0.5 ms); 1 span "
         f"{hop['p50_ms_1_span']:.2f} ms, {hop['spans']} spans "
-        f"{hop[f'p50_ms_{args.spans}_spans']:.2f} ms"
+        f"{hop[f'p50_ms_{args.spans}_spans']:.2f} ms; with aiohttp's client for hops (before): "
+        f"{hop_aiohttp['per_extra_span_ms']:.3f} ms"
     )
     for label, row in throughput.items():
         print(

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from appliance.errors import NoLiveReplica
 from appliance.hop_client import HopClient, HopSettings
+from appliance.hop_transport import HopPost, HopTransport, aiohttp_post
 from appliance.ring_protocol import RouteStep
 
 
@@ -29,6 +30,18 @@ async def serve(delay_s: float, status: int = 200) -> tuple[web.AppRunner, str]:
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(params=["lean", "aiohttp"])
+async def post(request: pytest.FixtureRequest) -> AsyncIterator[HopPost]:
+    """Both hop clients behave the same (the lean one is the default; aiohttp's the baseline)."""
+    if request.param == "lean":
+        transport = HopTransport()
+        yield transport.post
+        await transport.close()
+    else:
+        async with aiohttp.ClientSession() as session:
+            yield aiohttp_post(session)
 
 
 @pytest.fixture
@@ -52,35 +65,32 @@ async def call(client: HopClient, urls: list[str], deadline_s: float) -> bytes:
 
 
 async def test_a_hung_replica_with_its_fair_attempt_is_ejected_and_the_next_answers(
-    replicas: Callable[..., asyncio.Future[str]],
+    replicas: Callable[..., asyncio.Future[str]], post: HopPost
 ) -> None:
     slow, fast = await replicas(5.0), await replicas(0.0)
-    async with aiohttp.ClientSession() as session:
-        client = HopClient(session, HopSettings(min_attempt_s=0.1), seed=1)
-        for _ in range(4):
-            assert await call(client, [slow, fast], 3.0) == b"ok"
-        assert client.is_ejected(slow) and not client.is_ejected(fast)
+    client = HopClient(post, HopSettings(min_attempt_s=0.1), seed=1)
+    for _ in range(4):
+        assert await call(client, [slow, fast], 3.0) == b"ok"
+    assert client.is_ejected(slow) and not client.is_ejected(fast)
 
 
 async def test_a_request_whose_own_deadline_is_tiny_ejects_no_one(
-    replicas: Callable[..., asyncio.Future[str]],
+    replicas: Callable[..., asyncio.Future[str]], post: HopPost
 ) -> None:
     a, b = await replicas(0.2), await replicas(0.2)
-    async with aiohttp.ClientSession() as session:
-        client = HopClient(session, HopSettings(min_attempt_s=1.0), seed=1)
-        for _ in range(3):
-            with pytest.raises(NoLiveReplica):
-                await call(client, [a, b], 0.05)
-        assert client.ejected == {}
-        assert await call(client, [a, b], 3.0) == b"ok"
+    client = HopClient(post, HopSettings(min_attempt_s=1.0), seed=1)
+    for _ in range(3):
+        with pytest.raises(NoLiveReplica):
+            await call(client, [a, b], 0.05)
+    assert client.ejected == {}
+    assert await call(client, [a, b], 3.0) == b"ok"
 
 
 async def test_a_503_inside_the_deadline_ejects_and_fails_over(
-    replicas: Callable[..., asyncio.Future[str]],
+    replicas: Callable[..., asyncio.Future[str]], post: HopPost
 ) -> None:
     refusing, good = await replicas(0.0, status=503), await replicas(0.0)
-    async with aiohttp.ClientSession() as session:
-        client = HopClient(session, HopSettings(min_attempt_s=0.05), seed=1)
-        for _ in range(3):
-            assert await call(client, [refusing, good], 2.0) == b"ok"
-        assert client.is_ejected(refusing) and not client.is_ejected(good)
+    client = HopClient(post, HopSettings(min_attempt_s=0.05), seed=1)
+    for _ in range(3):
+        assert await call(client, [refusing, good], 2.0) == b"ok"
+    assert client.is_ejected(refusing) and not client.is_ejected(good)
