@@ -4,53 +4,27 @@ bearer tokens, per-client limit)."""
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from aiohttp import web
 
 from appliance.auth import auth_middleware, client_limit_middleware, parse_tokens
+from appliance.config import ServerConfig
 from appliance.http_errors import error_middleware
 from appliance.logs import request_id_middleware
 from appliance.signing import Signer, Verifier, parse_secrets, signature_middleware
 from appliance.tls import require_peer_certificate
 
 
-class ServerSettings(Protocol):
-    """What both NodeConfig and CoordinatorConfig provide (read-only: they are frozen)."""
-
-    @property
-    def tokens(self) -> list[str]: ...
-    @property
-    def tokens_file(self) -> str: ...
-    @property
-    def metrics_public(self) -> bool: ...
-    @property
-    def max_concurrent_per_client(self) -> int: ...
-    @property
-    def tls_ca(self) -> str: ...
-    @property
-    def tls_cert(self) -> str: ...
-    @property
-    def max_body_bytes(self) -> int: ...
-    @property
-    def cluster_secrets(self) -> list[str]: ...
-    @property
-    def cluster_secrets_file(self) -> str: ...
-    @property
-    def signature_window_s(self) -> float: ...
-
-
-def verifier_for(config: ServerSettings) -> Verifier | None:
+def verifier_for(config: ServerConfig) -> Verifier | None:
     secrets = parse_secrets(config.cluster_secrets, config.cluster_secrets_file)
     return Verifier(secrets, config.signature_window_s) if secrets else None
 
 
-def signer_for(config: ServerSettings, sender: str) -> Signer | None:
+def signer_for(config: ServerConfig, sender: str) -> Signer | None:
     secrets = parse_secrets(config.cluster_secrets, config.cluster_secrets_file)
     return Signer(secrets[0], sender) if secrets else None
 
 
-def new_app(config: ServerSettings) -> web.Application:
+def new_app(config: ServerConfig) -> web.Application:
     tokens = parse_tokens(config.tokens, config.tokens_file)
     verifier = verifier_for(config)
     return web.Application(

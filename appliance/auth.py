@@ -12,10 +12,10 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from aiohttp import web
 
+from appliance.config import entries_with_file
 from appliance.errors import ConfigError, Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,7 @@ class Token:
 
 def parse_tokens(entries: list[str], tokens_file: str) -> list[Token]:
     """``ROLE:TOKEN`` entries from the config and from a file (one per line, # comments)."""
-    lines = list(entries)
-    if tokens_file:
-        try:
-            text = Path(tokens_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read tokens_file {tokens_file}: {exc}") from exc
-        lines += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = entries_with_file(entries, tokens_file, "tokens_file")
     tokens = []
     for line in lines:
         role, sep, secret = line.partition(":")

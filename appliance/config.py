@@ -21,10 +21,92 @@ from runtime.session import SessionSettings
 
 
 @dataclass(frozen=True)
-class NodeConfig:
+class ServerConfig:
+    """What every appliance process has: where it listens, its limits, logs, tokens, TLS
+    and cluster secrets. Subclasses redefine a field to change its default or help; it keeps
+    its place (dataclass order), so the settings reference lists the shared keys first."""
+
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
-    port: int = field(default=9100, metadata={"help": "port to bind; 0 picks a free one"})
+    port: int = field(default=0, metadata={"help": "port to bind; 0 picks a free one"})
     model_repo: str = field(default="", metadata={"help": "model repository folder"})
+    models: list[str] = field(default_factory=list, metadata={"help": "models to serve"})
+    state_dir: str = field(default="", metadata={"help": "where this process keeps its state"})
+    max_body_bytes: int = field(
+        default=64 * 1024 * 1024, metadata={"help": "request body limit, also after decompression"}
+    )
+    max_tensor_elements: int = field(
+        default=16 * 1024 * 1024,
+        metadata={"help": "elements of one input tensor before 413 (0: no limit)"},
+    )
+    compress_responses: Literal["auto", "always", "never"] = field(
+        default="auto",
+        metadata={
+            "help": "gzip/deflate answers for clients that accept it: auto = JSON answers of "
+            "4 KiB or more (binary tensors barely compress)"
+        },
+    )
+    max_concurrent_per_client: int = field(
+        default=0, metadata={"help": "requests in flight per client before 429 (0: no limit)"}
+    )
+    min_attempt_s: float = field(
+        default=1.0, metadata={"help": "shortest time a hop attempt gets before failing over"}
+    )
+
+    lean_hops: bool = field(
+        default=True,
+        metadata={"help": "hops over a lean keep-alive HTTP/1.1 client (false: aiohttp's)"},
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = field(
+        default="info", metadata={"help": "logging level"}
+    )
+    log_format: Literal["text", "json"] = field(default="text", metadata={"help": "log format"})
+    access_log: bool = field(default=True, metadata={"help": "one log line per request"})
+    tokens: list[str] = field(
+        default_factory=list,
+        metadata={"help": "bearer tokens as ROLE:TOKEN (roles infer, admin); none = auth off"},
+    )
+    tokens_file: str = field(default="", metadata={"help": "file of ROLE:TOKEN lines"})
+    metrics_public: bool = field(default=False, metadata={"help": "/metrics without a token"})
+    cluster_token: str = field(
+        default="", metadata={"help": "admin token this process presents on internal calls"}
+    )
+    cluster_secrets: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "HMAC secrets signing internal calls: the first signs, both are accepted "
+            "(two while rotating); none = internal calls unsigned"
+        },
+    )
+    cluster_secrets_file: str = field(
+        default="", metadata={"help": "file of cluster secrets, one per line (first signs)"}
+    )
+    signature_window_s: float = field(
+        default=30.0,
+        metadata={"help": "signed internal calls are accepted this close to the local clock"},
+    )
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate: serve HTTPS"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert"})
+    tls_ca: str = field(
+        default="",
+        metadata={"help": "cluster CA: verify peers, and require their certificates (mTLS)"},
+    )
+    # --- ring membership ---
+
+    def check_server(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.max_body_bytes < 1:
+            raise ConfigError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
+        for name in ("max_tensor_elements", "max_concurrent_per_client"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (no limit) or more, got {getattr(self, name)}")
+        if self.signature_window_s <= 0:
+            raise ConfigError(f"signature_window_s must be above 0, got {self.signature_window_s}")
+
+
+@dataclass(frozen=True)
+class NodeConfig(ServerConfig):
+    port: int = field(default=9100, metadata={"help": "port to bind; 0 picks a free one"})
     models: list[str] = field(
         default_factory=list, metadata={"help": "models to load at start (empty: all)"}
     )
@@ -46,20 +128,6 @@ class NodeConfig:
     max_queue_size: int = field(
         default=512, metadata={"help": "queued requests per model before 503"}
     )
-    max_body_bytes: int = field(
-        default=64 * 1024 * 1024, metadata={"help": "request body limit, also after decompression"}
-    )
-    max_tensor_elements: int = field(
-        default=16 * 1024 * 1024,
-        metadata={"help": "elements of one input tensor before 413 (0: no limit)"},
-    )
-    compress_responses: Literal["auto", "always", "never"] = field(
-        default="auto",
-        metadata={
-            "help": "gzip/deflate answers for clients that accept it: auto = JSON answers of "
-            "4 KiB or more (binary tensors barely compress)"
-        },
-    )
     warmup: bool = field(default=True, metadata={"help": "run each model before it is ready"})
     warmup_dynamic_dim: int = field(
         default=16, metadata={"help": "size given to variable non-batch dims at warm-up"}
@@ -67,48 +135,6 @@ class NodeConfig:
     drain_timeout_s: float = field(
         default=30.0, metadata={"help": "how long queued requests may finish at unload or stop"}
     )
-    log_level: Literal["debug", "info", "warning", "error"] = field(
-        default="info", metadata={"help": "logging level"}
-    )
-    log_format: Literal["text", "json"] = field(default="text", metadata={"help": "log format"})
-    access_log: bool = field(default=True, metadata={"help": "one log line per request"})
-    tokens: list[str] = field(
-        default_factory=list,
-        metadata={"help": "bearer tokens as ROLE:TOKEN (roles infer, admin); none = auth off"},
-    )
-    tokens_file: str = field(default="", metadata={"help": "file of ROLE:TOKEN lines"})
-    metrics_public: bool = field(default=False, metadata={"help": "/metrics without a token"})
-    cluster_token: str = field(
-        default="", metadata={"help": "admin token this process presents on internal calls"}
-    )
-    lean_hops: bool = field(
-        default=True,
-        metadata={"help": "hops over a lean keep-alive HTTP/1.1 client (false: aiohttp's)"},
-    )
-    cluster_secrets: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "HMAC secrets signing internal calls: the first signs, both are accepted "
-            "(two while rotating); none = internal calls unsigned"
-        },
-    )
-    cluster_secrets_file: str = field(
-        default="", metadata={"help": "file of cluster secrets, one per line (first signs)"}
-    )
-    signature_window_s: float = field(
-        default=30.0,
-        metadata={"help": "signed internal calls are accepted this close to the local clock"},
-    )
-    max_concurrent_per_client: int = field(
-        default=0, metadata={"help": "requests in flight per client before 429 (0: no limit)"}
-    )
-    tls_cert: str = field(default="", metadata={"help": "PEM certificate: serve HTTPS"})
-    tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert"})
-    tls_ca: str = field(
-        default="",
-        metadata={"help": "cluster CA: verify peers, and require their certificates (mTLS)"},
-    )
-    # --- ring membership ---
     join: str = field(default="", metadata={"help": "coordinator to join, host:port or URL"})
     node_id: str = field(
         default="", metadata={"help": "stable node id (default: made once, kept in state_dir)"}
@@ -124,9 +150,6 @@ class NodeConfig:
     )
     heartbeat_interval_s: float = field(
         default=1.0, metadata={"help": "seconds between heartbeats to the coordinator"}
-    )
-    min_attempt_s: float = field(
-        default=1.0, metadata={"help": "shortest time a hop attempt gets before failing over"}
     )
 
     def session_settings(self) -> SessionSettings:
@@ -145,20 +168,27 @@ class NodeConfig:
         return WarmupSettings(self.warmup, self.warmup_dynamic_dim)
 
     def check(self) -> None:
-        positive = ("max_batch_size", "max_queue_size", "max_body_bytes", "warmup_dynamic_dim")
+        self.check_server()
+        positive = ("max_batch_size", "max_queue_size", "warmup_dynamic_dim")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in (
-            "intra_op_threads",
-            "inter_op_threads",
-            "max_queue_delay_us",
-            "max_tensor_elements",
-        ):
+        for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be 0..65535, got {self.port}")
+
+
+def entries_with_file(entries: list[str], path: str, key: str) -> list[str]:
+    """Values given in the config plus those of a file (one per line, # comments), as tokens
+    and cluster secrets are: a file can be readable by the service user alone."""
+    lines = list(entries)
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read {key} {path}: {exc}") from exc
+        lines += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    return lines
 
 
 def _flag(name: str) -> str:
@@ -250,8 +280,7 @@ def load_config(
 
 
 @dataclass(frozen=True)
-class CoordinatorConfig:
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+class CoordinatorConfig(ServerConfig):
     port: int = field(default=8000, metadata={"help": "port to bind; 0 picks a free one"})
     model_repo: str = field(default="", metadata={"help": "model repository (packages to place)"})
     state_dir: str = field(
@@ -276,9 +305,6 @@ class CoordinatorConfig:
     load_timeout_s: float = field(
         default=300.0, metadata={"help": "how long a repository load may take before 503"}
     )
-    min_attempt_s: float = field(
-        default=1.0, metadata={"help": "shortest time a hop attempt gets before failing over"}
-    )
     hop_batching: bool = field(
         default=True,
         metadata={
@@ -292,16 +318,6 @@ class CoordinatorConfig:
     hops_in_flight_per_replica: int = field(
         default=2,
         metadata={"help": "hops outstanding per first-span replica before requests queue up"},
-    )
-    max_body_bytes: int = field(
-        default=64 * 1024 * 1024, metadata={"help": "request body limit, also after decompression"}
-    )
-    max_tensor_elements: int = field(
-        default=16 * 1024 * 1024,
-        metadata={"help": "elements of one input tensor before 413 (0: no limit)"},
-    )
-    compress_responses: Literal["auto", "always", "never"] = field(
-        default="auto", metadata={"help": "as for nodes"}
     )
     cache_enabled: bool = field(default=True, metadata={"help": "the LMDB result cache"})
     cache_dir: str = field(default="", metadata={"help": "cache folder (default state_dir/cache)"})
@@ -321,61 +337,13 @@ class CoordinatorConfig:
     )
     job_workers: int = field(default=4, metadata={"help": "async jobs run at once"})
     job_ttl_s: float = field(default=3600.0, metadata={"help": "finished jobs are kept this long"})
-    log_level: Literal["debug", "info", "warning", "error"] = field(
-        default="info", metadata={"help": "logging level"}
-    )
-    log_format: Literal["text", "json"] = field(default="text", metadata={"help": "log format"})
-    access_log: bool = field(default=True, metadata={"help": "one log line per request"})
-    tokens: list[str] = field(
-        default_factory=list,
-        metadata={"help": "bearer tokens as ROLE:TOKEN (roles infer, admin); none = auth off"},
-    )
-    tokens_file: str = field(default="", metadata={"help": "file of ROLE:TOKEN lines"})
-    metrics_public: bool = field(default=False, metadata={"help": "/metrics without a token"})
-    cluster_token: str = field(
-        default="", metadata={"help": "admin token this process presents on internal calls"}
-    )
-    lean_hops: bool = field(
-        default=True,
-        metadata={"help": "hops over a lean keep-alive HTTP/1.1 client (false: aiohttp's)"},
-    )
-    cluster_secrets: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "HMAC secrets signing internal calls: the first signs, both are accepted "
-            "(two while rotating); none = internal calls unsigned"
-        },
-    )
-    cluster_secrets_file: str = field(
-        default="", metadata={"help": "file of cluster secrets, one per line (first signs)"}
-    )
-    signature_window_s: float = field(
-        default=30.0,
-        metadata={"help": "signed internal calls are accepted this close to the local clock"},
-    )
-    max_concurrent_per_client: int = field(
-        default=0, metadata={"help": "requests in flight per client before 429 (0: no limit)"}
-    )
-    tls_cert: str = field(default="", metadata={"help": "PEM certificate: serve HTTPS"})
-    tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert"})
-    tls_ca: str = field(
-        default="",
-        metadata={"help": "cluster CA: verify peers, and require their certificates (mTLS)"},
-    )
 
     def check(self) -> None:
+        self.check_server()
         if self.replicas < 1:
             raise ConfigError(f"replicas must be at least 1, got {self.replicas}")
         if self.stages < 0:
             raise ConfigError(f"stages must be 0 (automatic) or more, got {self.stages}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be 0..65535, got {self.port}")
-        if self.max_body_bytes < 1:
-            raise ConfigError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
-        if self.max_tensor_elements < 0:
-            raise ConfigError(
-                f"max_tensor_elements must be 0 (no limit) or more, got {self.max_tensor_elements}"
-            )
         for name in ("max_hop_batch_rows", "hops_in_flight_per_replica"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

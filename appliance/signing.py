@@ -23,10 +23,10 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from aiohttp import ClientRequest, ClientResponse, web
 
+from appliance.config import entries_with_file
 from appliance.errors import ConfigError, Unauthorized
 from appliance.ring_protocol import DEADLINE, DIGEST, MODEL, REQUEST_ID, ROUTE, SPAN
 
@@ -43,13 +43,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def parse_secrets(entries: list[str], secrets_file: str) -> list[bytes]:
     """The cluster secrets from the config and a file (one per line, # comments): the first
     signs, every one is accepted. At most two, the pair of a rotation."""
-    lines = list(entries)
-    if secrets_file:
-        try:
-            text = Path(secrets_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read cluster_secrets_file {secrets_file}: {exc}") from exc
-        lines += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = entries_with_file(entries, secrets_file, "cluster_secrets_file")
     if len(lines) > 2:
         raise ConfigError(
             f"{len(lines)} cluster secrets given; accepted: one, or two while rotating "
