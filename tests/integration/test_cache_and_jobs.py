@@ -1,4 +1,6 @@
-"""The result cache and async jobs through a real coordinator and node (loopback, bounded)."""
+"""The result cache and async jobs through a real coordinator and node (loopback, bounded).
+
+Jobs surviving a coordinator killed mid-way are in tests/faults/test_ring_faults.py."""
 
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.faults.common import make_repo, metric_sum, reference
 from bench.harness import Ring, http
 from runtime.codec import decode_response, encode_request
-from tests.integration.test_ring import make_repo, metric_sum, reference
 
 pytestmark = pytest.mark.slow
 HEADER = "Inference-Header-Content-Length"
@@ -100,7 +102,7 @@ def wait_job(ring: Ring, location: str, timeout_s: float = 60) -> dict[str, Any]
         status, job = http("GET", ring.url + location)
         assert status == 200, job
         if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job  # type: ignore[no-any-return]
+            return job
         time.sleep(0.05)
     raise AssertionError(f"{location} not finished in {timeout_s}s")
 
@@ -138,26 +140,3 @@ def test_bad_job_requests(ring: Ring) -> None:
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(request, timeout=10)
     assert error.value.code == 400
-
-
-def test_jobs_survive_a_coordinator_killed_mid_way(ring: Ring) -> None:
-    rng = np.random.default_rng(0)
-    batches = [rng.integers(0, 300, size=(1, 8)).astype(np.int64) for _ in range(100)]
-    locations = []
-    for index, ids in enumerate(batches):
-        status, headers, _ = submit(ring, ids)
-        assert status == 202
-        locations.append(headers["Location"])
-        if index == 60:
-            assert ring.coordinator is not None
-            ring.coordinator.kill()  # -9, with jobs queued and running
-            ring.coordinator.wait()
-            ring.start_coordinator()
-            ring.wait_members(1)
-            ring.wait_ready()
-    for ids, location in zip(batches, locations, strict=True):
-        job = wait_job(ring, location)
-        assert job["status"] == "succeeded", job
-        output = job["result"]["outputs"][0]
-        got = np.array(output["data"], np.float32).reshape(output["shape"])
-        np.testing.assert_allclose(got, reference(ids), atol=1e-5)

@@ -1,0 +1,167 @@
+"""Every fault scenario with loads larger than the tests' (about 3 minutes on 2 cores): prints
+each record, writes a JSON report under bench/results/ and ``docs/reliability.md``.
+
+    python -m bench.faults [--scale 1.0] [--only NAME ...] [--docs DIR] [--out FILE]
+
+``--scale`` multiplies every load; ``--only`` runs some scenarios (and leaves the document alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.faults.common import DOCS, FaultRecord
+from bench.faults.inputs import BODY_LIMIT, MAX_ELEMENTS, bad_input_flood
+from bench.faults.ring import (
+    coordinator_kill_with_jobs,
+    internal_calls_unsigned_or_replayed,
+    node_hang,
+    node_kill,
+    node_other_version_never_routed,
+    node_restarted_with_other_version,
+)
+from bench.faults.storage import (
+    cache_dir_removed,
+    cache_map_full,
+    export_disk_full,
+    export_disk_full_tmpfs,
+    segment_sha256_mismatch,
+)
+from bench.report import save_report
+
+SCENARIOS: dict[str, Callable[[Path, float], list[FaultRecord]]] = {
+    "node_kill": lambda w, s: [node_kill(w, int(10_000 * s), 32)],
+    "node_hang": lambda w, s: [node_hang(w, int(4000 * s), 16)],
+    "node_other_version": lambda w, s: [node_other_version_never_routed(w, int(3000 * s), 50)],
+    "node_restart_other_version": lambda w, s: [
+        node_restarted_with_other_version(w, int(40_000 * s), 16)
+    ],
+    "coordinator_kill": lambda w, s: [coordinator_kill_with_jobs(w, int(2000 * s))],
+    "cache_map_full": lambda w, s: [cache_map_full(w, int(6000 * s), 16)],
+    "cache_dir_removed": lambda w, s: [cache_dir_removed(w, int(6000 * s), 16)],
+    "segment_sha256": lambda w, s: [segment_sha256_mismatch(w, int(5000 * s), 16)],
+    "export_disk_full": lambda w, s: [
+        export_disk_full(w, max(2, int(6 * s))),
+        export_disk_full_tmpfs(w / "tmpfs", max(3, int(10 * s))),
+    ],
+    "internal_calls": lambda w, s: internal_calls_unsigned_or_replayed(w, max(5, int(200 * s))),
+    "bad_input": lambda w, s: bad_input_flood(w, max(5, int(500 * s)), 16),
+}
+
+
+def run_all(work: Path, scale: float, only: list[str] | None = None) -> list[FaultRecord]:
+    records: list[FaultRecord] = []
+    for name, scenario in SCENARIOS.items():
+        if only and name not in only:
+            continue
+        print(f"running {name} ...", flush=True)
+        for record in scenario(work / name, scale):
+            print(
+                f"  {record.fault}: sent {record.sent}, failed {record.failed}, "
+                f"5xx {record.status_5xx}, 500 {record.status_500}, jobs lost "
+                f"{record.jobs_lost}; {record.outcome} ({record.seconds} s)",
+                flush=True,
+            )
+            records.append(record)
+    return records
+
+
+def write_markdown(records: list[FaultRecord], when: str, seconds: float, docs: Path) -> Path:
+    faults = [r for r in records if r.group != "bad input"]
+    bad = [r for r in records if r.group == "bad input"]
+    kills = [r for r in faults if r.fault.startswith(("node kill", "node hung"))]
+    lines = [
+        "# Reliability",
+        "",
+        f"Produced by `python -m bench.faults` on {when} ({os.cpu_count()} cores, "
+        f"{seconds:.0f} s in all). Every fault below was injected into real coordinator and node "
+        "processes on loopback, under the load shown; the counts are from that run. "
+        "`tests/faults/` runs the same scenarios (`bench/faults/`) with smaller loads and "
+        "asserts these counts. Regenerate with `python -m bench.faults`.",
+        "",
+        "- **sent**: requests (and job submissions) sent; **failed**: answers other than the "
+        "expected one (for a good request, a 200 equal to the model run in process; for a bad "
+        "one, its documented 4xx with a JSON error; for a refusal, the refusal);",
+        "- **5xx** counts every 5xx answer, documented refusals (503, not ready or no live "
+        "replica) included; **500** the answers that would be bugs;",
+        "- **jobs lost**: async jobs answered 202 that did not end `succeeded` with the right "
+        "result; for an export, **sent** counts attempts and **failed** those that left files "
+        "behind or an incomplete package.",
+        "",
+        f"In all: {sum(r.sent for r in records):,} requests and attempts; "
+        f"{sum(r.failed for r in kills)} failed under a node killed or hung (2 replicas per "
+        f"span), {sum(r.failed for r in records)} failed in all, "
+        f"{sum(r.jobs_lost for r in records)} of {sum(r.jobs_accepted for r in records):,} "
+        f"jobs lost, {sum(r.status_500 for r in records)} answers 500.",
+        "",
+        "## Faults",
+        "",
+        _table(faults, jobs=True),
+        "",
+        "## Bad input",
+        "",
+        "Malformed requests of each kind sent to a live coordinator (1 node, body limit "
+        f"{BODY_LIMIT // 1024} KiB, at most {MAX_ELEMENTS:,} elements per tensor), each followed "
+        "by a good request, from concurrent clients"
+        + (f", {bad[0].seconds:g} s for the whole group." if bad else "."),
+        "",
+        _table(bad, jobs=False, seconds=False),
+        "",
+    ]
+    out = docs / "reliability.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    return out
+
+
+def _table(records: list[FaultRecord], jobs: bool, seconds: bool = True) -> str:
+    head = ["fault", "load", "sent", "failed", "4xx", "5xx", "500"]
+    head += ["jobs accepted", "jobs lost"] if jobs else []
+    head += ["outcome"] + (["s"] if seconds else [])
+    rule = ["---" if name in ("fault", "load", "outcome") else "---:" for name in head]
+    rows = [head, rule]
+    for r in records:
+        cells = [r.fault, r.load, r.sent, r.failed, r.status_4xx, r.status_5xx, r.status_500]
+        cells += [r.jobs_accepted, r.jobs_lost] if jobs else []
+        cells += [r.outcome] + ([r.seconds] if seconds else [])
+        rows.append([f"{c:,}" if isinstance(c, int) else str(c).replace("|", "/") for c in cells])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every load")
+    parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="these scenarios")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="where reliability.md goes")
+    parser.add_argument("--out", type=Path, help="JSON report (default bench/results/)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
+        records = run_all(Path(tmp), args.scale, args.only)
+    seconds = time.perf_counter() - started
+    when = time.strftime("%Y-%m-%d %H:%M")
+    report = {
+        "bench": "faults",
+        "when": when,
+        "cpus": os.cpu_count(),
+        "scale": args.scale,
+        "seconds": round(seconds, 1),
+        "records": [asdict(r) for r in records],
+    }
+    save_report(report, args.out, "faults")
+    if not args.only:  # a partial run would drop rows from the document
+        print(f"wrote {write_markdown(records, when, seconds, args.docs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
