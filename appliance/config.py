@@ -324,6 +324,13 @@ class CoordinatorConfig(ServerConfig):
     cache_max_bytes: int = field(
         default=512 * 1024 * 1024, metadata={"help": "stored results kept under this many bytes"}
     )
+    cache_map_bytes: int = field(
+        default=0,
+        metadata={
+            "help": "LMDB map size of the cache (0: twice cache_max_bytes, at least 64 MiB); "
+            "the map is address space, reserved on disk only as written"
+        },
+    )
     cache_admit_after: int = field(
         default=2, metadata={"help": "store a result once its input was seen this often (K)"}
     )
@@ -338,8 +345,16 @@ class CoordinatorConfig(ServerConfig):
     job_workers: int = field(default=4, metadata={"help": "async jobs run at once"})
     job_ttl_s: float = field(default=3600.0, metadata={"help": "finished jobs are kept this long"})
 
+    def cache_map_size(self) -> int:
+        return self.cache_map_bytes or max(2 * self.cache_max_bytes, 64 << 20)
+
     def check(self) -> None:
         self.check_server()
+        if self.cache_map_bytes and self.cache_map_bytes < self.cache_max_bytes:
+            raise ConfigError(
+                f"cache_map_bytes {self.cache_map_bytes} is below cache_max_bytes "
+                f"{self.cache_max_bytes}: the map would fill first; give about twice as much"
+            )
         if self.replicas < 1:
             raise ConfigError(f"replicas must be at least 1, got {self.replicas}")
         if self.stages < 0:

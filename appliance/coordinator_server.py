@@ -75,7 +75,7 @@ from runtime.codec import (
     encode_response,
     parse_header_length,
 )
-from runtime.errors import DeadlineExceeded, ModelNotFound, ModelNotReady
+from runtime.errors import DeadlineExceeded, ModelLoadError, ModelNotFound, ModelNotReady
 from runtime.manifest import Manifest
 from runtime.package import PackageRef, list_repository, open_package, plain_manifest
 from runtime.signature import Signature, TensorSpec, validate_inputs, validate_output_names
@@ -288,10 +288,13 @@ class Coordinator:
                 timeout=aiohttp.ClientTimeout(total=self.config.load_timeout_s),
             ) as response:
                 if response.status != 200:
-                    raise ModelNotReady(
+                    why = (
                         f"node {member.node_id} could not load {entry.package.name} segments "
                         f"{first}-{last}: {response.status} {await response.text()}"
                     )
+                    # a node refusing the files (400: a hash mismatch, a broken graph) is a
+                    # permanent problem of the package, not a 503 to retry
+                    raise ModelLoadError(why) if response.status == 400 else ModelNotReady(why)
                 answer = await response.json()
         except aiohttp.ClientError as exc:
             raise ModelNotReady(f"node {member.node_id} unreachable while loading: {exc}") from exc
@@ -943,6 +946,7 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
                 CacheSettings(
                     path=Path(config.cache_dir or state / "cache"),
                     max_bytes=config.cache_max_bytes,
+                    map_size=config.cache_map_size(),
                     admit_after=config.cache_admit_after,
                     ttl_s=config.cache_ttl_s or None,
                 )

@@ -193,6 +193,8 @@ async def _ensure_files(
             )
         actual = await asyncio.to_thread(segment_hash, folder, segment.file, segment.external_data)
         if actual != segment.sha256:
+            for name in [segment.file, *segment.external_data]:  # not kept to be trusted later
+                (folder / name).unlink(missing_ok=True)
             raise ModelLoadError(
                 f"fetched {segment.file} has sha256 {actual}, the manifest says {segment.sha256}"
             )

@@ -40,42 +40,6 @@ from runtime.manifest import read_manifest, segment_hash
 
 # --- the result cache ------------------------------------------------------------------------
 
-# The coordinator's LMDB map is 1 GiB and not a setting; this starts a real coordinator whose
-# cache gets a small map (a real LMDB environment that really fills up).
-_SMALL_MAP_COORDINATOR = (
-    "import functools, sys\n"
-    "import appliance.coordinator_server as server\n"
-    "map_size = int(sys.argv.pop(1))\n"
-    "server.CacheSettings = functools.partial(server.CacheSettings, map_size=map_size)\n"
-    "from appliance.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
-
-
-def start_small_map_coordinator(ring: Ring, map_bytes: int, *extra: str) -> None:
-    """As ``Ring.start_coordinator``, with an LMDB map of ``map_bytes`` for the result cache."""
-    args = [
-        *("coordinator", "--model-repo", str(ring.repo), "--port", str(ring.coordinator_port)),
-        *("--state-dir", str(ring.work / "coordinator"), "--node-timeout-s", "2"),
-        *("--min-attempt-s", "0.5", "--log-level", "info", *extra),
-    ]
-    if ring.signed:  # as the harness's processes, so that the nodes accept its calls
-        args += ["--cluster-secrets-file", str(ring.secrets_file)]
-    log = open(ring.work / "coordinator.log", "a")  # noqa: SIM115 - the process owns it
-    process = subprocess.Popen(
-        [sys.executable, "-c", _SMALL_MAP_COORDINATOR, str(map_bytes), *args],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if "http" not in line:
-        process.kill()
-        raise RuntimeError(f"coordinator did not start: {line!r}; see {ring.work}")
-    ring.coordinator = process
-
-
 def cache_map_full(
     work: Path, requests: int = 400, concurrency: int = 8, map_bytes: int = 1 << 20
 ) -> FaultRecord:
@@ -89,8 +53,10 @@ def cache_map_full(
     )
     ring = Ring(work, make_repo(work / "repo"))
     with timed(record):
-        start_small_map_coordinator(
-            ring, map_bytes, "--cache-admit-after", "1", "--cache-max-bytes", str(64 << 20)
+        # cache_max_bytes as large as the map: LMDB's own pages fill it before eviction starts
+        ring.start_coordinator(
+            *("--cache-admit-after", "1", "--cache-max-bytes", str(map_bytes)),
+            *("--cache-map-bytes", str(map_bytes)),
         )
         try:
             ring.start_node("a")

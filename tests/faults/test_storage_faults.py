@@ -42,7 +42,7 @@ def test_a_segment_that_does_not_match_its_manifest_is_refused_naming_the_file(
     record = segment_sha256_mismatch(tmp_path, requests=300, concurrency=8)
     # the healthy model served all 300; the load was refused; the tampered model never served
     assert record.failed == 0 and record.status_500 == 0, record.details
-    assert record.details["load_status"] == 503
+    assert record.details["load_status"] == 400  # permanent: not a 503 to retry
     assert "segment-1.onnx" in record.details["load_error"]
     assert record.details["tampered"] == {503: 10}
 
