@@ -69,11 +69,15 @@ def start_variant(
     ring = Ring(work / re.sub(r"\W+", "-", label), model.repo, signed=signed)
     ring.token = TOKEN if auth else ""
     tokens = ["--tokens", f"admin:{TOKEN}"] if auth else []
-    ring.start_coordinator("--log-level", "warning", *flags, *tokens)
-    ring.start_node("n0", "--log-level", "warning", threads=threads)
-    ring.wait_members(1)
-    ring.load(model.name, 1, 1)
-    ring.wait_ready()
+    try:
+        ring.start_coordinator("--log-level", "warning", *flags, *tokens)
+        ring.start_node("n0", "--log-level", "warning", threads=threads)
+        ring.wait_members(1)
+        ring.load(model.name, 1, 1)
+        ring.wait_ready()
+    except BaseException:
+        ring.stop()  # nothing left running behind a failed start
+        raise
     headers = {"Authorization": f"Bearer {TOKEN}"} if auth else {}
     url = f"{ring.url}/v2/models/{model.name}/infer"
     shown = flags + (["--tokens admin:…"] if auth else [])
@@ -175,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         wanted = "minilm" if args.model in ("auto", "minilm") else "demo"
         model = next((m for m in models if m.name == wanted), models[0])
         body, headers = _v2_body(model, args.tokens, binary=True)
-        variants = [start_variant(work, model, variant, args.threads) for variant in VARIANTS]
+        variants: list[Variant] = []
         try:
+            for variant in VARIANTS:
+                variants.append(start_variant(work, model, variant, args.threads))
             for v in variants:  # warm every path before anything is counted
                 measure(v.url, body, {**headers, **v.headers}, 2)
             profiles = []
