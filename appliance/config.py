@@ -42,7 +42,8 @@ class ServerConfig:
         default="auto",
         metadata={
             "help": "gzip/deflate answers for clients that accept it: auto = JSON answers of "
-            "4 KiB or more (binary tensors barely compress)"
+            "4 KiB or more to clients on other hosts (binary tensors barely compress; on "
+            "loopback compressing only costs CPU)"
         },
     )
     max_concurrent_per_client: int = field(

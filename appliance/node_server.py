@@ -6,6 +6,7 @@ Handlers parse, call the runtime, and serialise; errors are typed and mapped in 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import ssl
 import sys
@@ -179,12 +180,36 @@ _COMPRESS_MIN_BYTES = 4096
 def should_compress(
     policy: str, request: web.Request, header_length: int | None, payload: bytes
 ) -> bool:
-    accepted = request.headers.get("Accept-Encoding", "")
+    return worth_compressing(
+        policy,
+        request.headers.get("Accept-Encoding", ""),
+        request.remote,
+        header_length,
+        len(payload),
+    )
+
+
+def worth_compressing(
+    policy: str, accepted: str, remote: str | None, header_length: int | None, size: int
+) -> bool:
+    """Whether to gzip/deflate an answer (a pure function of the request's facts).
+
+    ``auto``: JSON answers of 4 KiB or more, to clients on another host. On the same host the
+    bytes never meet a wire and compressing only spends CPU: MiniLM's JSON answers (75 KB)
+    at concurrency 32 went from 640 to 279 per second with gzip on, measured.
+    """
     if policy == "never" or ("gzip" not in accepted and "deflate" not in accepted):
         return False
     if policy == "always":
         return True
-    return header_length is None and len(payload) >= _COMPRESS_MIN_BYTES
+    return header_length is None and size >= _COMPRESS_MIN_BYTES and not _is_loopback(remote)
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:  # a Unix socket, or no address at all
+        return False
 
 
 # --- repository ----------------------------------------------------------------------------

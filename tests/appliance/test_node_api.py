@@ -12,6 +12,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from appliance.node_server import worth_compressing
 from runtime.codec import decode_response, encode_request
 from runtime.datatypes import V2_TO_NUMPY
 from tests.conftest import RunningNode, StartNode
@@ -126,17 +127,29 @@ async def test_compressed_request_bodies_are_accepted(node: RunningNode, encodin
     np.testing.assert_array_equal(result.outputs["y"], direct.outputs["y"])
 
 
-async def test_large_json_answers_are_compressed_when_asked_binary_ones_not(
-    node: RunningNode,
+@pytest.mark.parametrize(
+    "policy, accepted, remote, header_length, size, expected",
+    [
+        ("auto", "gzip, deflate", "10.0.0.7", None, 75_000, True),  # big JSON, another host
+        ("auto", "gzip, deflate", "127.0.0.1", None, 75_000, False),  # loopback: CPU only
+        ("auto", "gzip", "::1", None, 75_000, False),
+        ("auto", "gzip", "10.0.0.7", 120, 75_000, False),  # binary tensors barely compress
+        ("auto", "gzip", "10.0.0.7", None, 1_000, False),  # small
+        ("auto", "br", "10.0.0.7", None, 75_000, False),  # nothing we can send
+        ("always", "deflate", "127.0.0.1", 120, 10, True),
+        ("never", "gzip", "10.0.0.7", None, 75_000, False),
+    ],
+)
+def test_which_answers_are_worth_compressing(
+    policy: str, accepted: str, remote: str, header_length: int | None, size: int, expected: bool
 ) -> None:
-    gzip_ok = {"Accept-Encoding": "gzip"}
+    assert worth_compressing(policy, accepted, remote, header_length, size) is expected
+
+
+async def test_large_json_answers_to_a_local_client_are_not_compressed(node: RunningNode) -> None:
     ids = np.ones((1, 100), np.int64)  # an answer of 800 floats: several KB of JSON
     body, length = encode_request({"ids": ids}, binary_inputs=False, binary_outputs=False)
-    async with await post_infer(node, "seq", body, length, **gzip_ok) as r:
-        assert r.status == 200 and r.headers.get("Content-Encoding") == "gzip"
-        assert decode_response(await r.read(), _header(r)).outputs["hidden"].shape == (1, 100, 8)
-    body, length = encode_request({"ids": ids})  # binary answer: raw floats, not compressed
-    async with await post_infer(node, "seq", body, length, **gzip_ok) as r:
+    async with await post_infer(node, "seq", body, length, **{"Accept-Encoding": "gzip"}) as r:
         assert r.status == 200 and "Content-Encoding" not in r.headers
         assert decode_response(await r.read(), _header(r)).outputs["hidden"].shape == (1, 100, 8)
 
