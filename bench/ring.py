@@ -75,8 +75,11 @@ def latency_p50(url: str, model: str, body: bytes, length: int | None, count: in
     return result.percentile(50)
 
 
-def bench_hop(work: Path, spans: int, count: int, flags: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``flags`` go to the coordinator and every node (e.g. ``--no-lean-hops``)."""
+def bench_hop(
+    work: Path, spans: int, count: int, flags: tuple[str, ...] = (), signed: bool = True
+) -> dict[str, Any]:
+    """``flags`` go to the coordinator and every node (e.g. ``--no-lean-hops``); ``signed``:
+    internal calls carry HMAC signatures (the harness's default)."""
     repo = work / "identity-repo"
     if not repo.exists():
         write_package(
@@ -91,7 +94,8 @@ def bench_hop(work: Path, spans: int, count: int, flags: tuple[str, ...] = ()) -
     body, length = encode_request({"h0": x})
     p50 = {}
     for k in (1, spans):
-        ring = Ring(work / f"hop-{k}-{'-'.join(flags) or 'default'}", repo)
+        label = "-".join(flags) or "default"
+        ring = Ring(work / f"hop-{k}-{label}-{signed}", repo, signed=signed)
         ring.start_coordinator(*flags)
         try:
             for i in range(k):
@@ -231,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         export_model(build_demo_model(), repo, "demo", source_label="builtin:demo")
         # the hop client before (aiohttp's) and after (the lean one), in the same run
         hop_aiohttp = bench_hop(work, args.spans, args.hop_requests, ("--no-lean-hops",))
+        hop_unsigned = bench_hop(work, args.spans, args.hop_requests, signed=False)
         hop = bench_hop(work, args.spans, args.hop_requests)
         throughput = bench_throughput(work, repo, args.seconds)
         kill = bench_kill(work, repo)
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "hop": hop,
         "hop_aiohttp_client": hop_aiohttp,
+        "hop_unsigned": hop_unsigned,
         "throughput": throughput,
         "kill": kill,
         "unload": unload,
@@ -249,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         f"per extra span (identity spans, [1,16,{HIDDEN}] fp32, concurrency 1): "
         f"{hop['per_extra_span_ms']:.3f} ms p50 (aim <= 0.5 ms); 1 span "
         f"{hop['p50_ms_1_span']:.2f} ms, {hop['spans']} spans "
-        f"{hop[f'p50_ms_{args.spans}_spans']:.2f} ms; with aiohttp's client for hops (before): "
-        f"{hop_aiohttp['per_extra_span_ms']:.3f} ms"
+        f"{hop[f'p50_ms_{args.spans}_spans']:.2f} ms; signed with aiohttp's client for hops "
+        f"(before): {hop_aiohttp['per_extra_span_ms']:.3f} ms; lean, unsigned: "
+        f"{hop_unsigned['per_extra_span_ms']:.3f} ms"
     )
     for label, row in throughput.items():
         print(
