@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -75,44 +76,71 @@ def latency_p50(url: str, model: str, body: bytes, length: int | None, count: in
     return result.percentile(50)
 
 
-def bench_hop(
-    work: Path, spans: int, count: int, flags: tuple[str, ...] = (), signed: bool = True
-) -> dict[str, Any]:
-    """``flags`` go to the coordinator and every node (e.g. ``--no-lean-hops``); ``signed``:
-    internal calls carry HMAC signatures (the harness's default)."""
+HOP_VARIANTS: dict[str, tuple[tuple[str, ...], bool]] = {
+    # label: (flags for the coordinator and every node, internal calls signed)
+    "aiohttp hop client, signed (before)": (("--no-lean-hops",), True),
+    "lean hop client, unsigned": ((), False),
+    "lean hop client, signed (default)": ((), True),
+}
+
+
+def _identity_ring(work: Path, repo: Path, k: int, flags: tuple[str, ...], signed: bool) -> Ring:
+    ring = Ring(work / f"hop-{k}-{'-'.join(flags) or 'default'}-{signed}", repo, signed=signed)
+    try:
+        ring.start_coordinator(*flags)
+        for i in range(k):
+            ring.start_node(f"n{i}", *flags)
+        ring.wait_members(k)
+        ring.load("identity", stages=k, replicas=1)
+        ring.wait_ready()
+    except BaseException:
+        ring.stop()
+        raise
+    return ring
+
+
+def bench_hop(work: Path, spans: int, count: int, rounds: int = 3) -> dict[str, Any]:
+    """Per extra span, for every hop variant: rings of 1 and ``spans`` identity spans for all
+    variants are started once, then rounds alternate between them (latency at concurrency 1
+    swings by 2x between runs on this VM, so only a comparison inside one run means much)."""
     repo = work / "identity-repo"
-    if not repo.exists():
-        write_package(
-            repo,
-            "identity",
-            1,
-            [identity_segment(k, k == spans - 1) for k in range(spans)],
-            source="bench:identity",
-            default_stages=[[k, k] for k in range(spans)],
-        )
+    write_package(
+        repo,
+        "identity",
+        1,
+        [identity_segment(k, k == spans - 1) for k in range(spans)],
+        source="bench:identity",
+        default_stages=[[k, k] for k in range(spans)],
+    )
     x = np.random.default_rng(0).normal(size=(1, 16, HIDDEN)).astype(np.float32)
     body, length = encode_request({"h0": x})
-    p50 = {}
-    for k in (1, spans):
-        label = "-".join(flags) or "default"
-        ring = Ring(work / f"hop-{k}-{label}-{signed}", repo, signed=signed)
-        ring.start_coordinator(*flags)
-        try:
-            for i in range(k):
-                ring.start_node(f"n{i}", *flags)
-            ring.wait_members(k)
-            ring.load("identity", stages=k, replicas=1)
-            ring.wait_ready()
-            p50[k] = latency_p50(ring.url, "identity", body, length, count)
-        finally:
+    rings: dict[tuple[str, int], Ring] = {}
+    samples: dict[str, list[tuple[float, float]]] = {label: [] for label in HOP_VARIANTS}
+    try:
+        for label, (flags, signed) in HOP_VARIANTS.items():
+            for k in (1, spans):
+                rings[(label, k)] = _identity_ring(work, repo, k, flags, signed)
+        for index in range(rounds):
+            order = list(HOP_VARIANTS) if index % 2 == 0 else list(HOP_VARIANTS)[::-1]
+            for label in order:
+                one = latency_p50(rings[(label, 1)].url, "identity", body, length, count)
+                many = latency_p50(rings[(label, spans)].url, "identity", body, length, count)
+                samples[label].append((one, many))
+    finally:
+        for ring in rings.values():
             ring.stop()
-    per_span = (p50[spans] - p50[1]) / (spans - 1)
-    return {
-        "spans": spans,
-        "p50_ms_1_span": round(p50[1], 3),
-        f"p50_ms_{spans}_spans": round(p50[spans], 3),
-        "per_extra_span_ms": round(per_span, 3),
-    }
+    result: dict[str, Any] = {"spans": spans, "rounds": rounds}
+    for label, pairs in samples.items():
+        one = statistics.median(p[0] for p in pairs)
+        many = statistics.median(p[1] for p in pairs)
+        per_span = statistics.median((p[1] - p[0]) / (spans - 1) for p in pairs)
+        result[label] = {
+            "p50_ms_1_span": round(one, 3),
+            f"p50_ms_{spans}_spans": round(many, 3),
+            "per_extra_span_ms": round(per_span, 3),
+            "per_extra_span_ms_rounds": [round((p[1] - p[0]) / (spans - 1), 3) for p in pairs],
+        }
+    return result
 
 
 def bench_throughput(work: Path, repo: Path, seconds: float) -> dict[str, Any]:
@@ -233,9 +261,6 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         repo = work / "demo-repo"
         export_model(build_demo_model(), repo, "demo", source_label="builtin:demo")
-        # the hop client before (aiohttp's) and after (the lean one), in the same run
-        hop_aiohttp = bench_hop(work, args.spans, args.hop_requests, ("--no-lean-hops",))
-        hop_unsigned = bench_hop(work, args.spans, args.hop_requests, signed=False)
         hop = bench_hop(work, args.spans, args.hop_requests)
         throughput = bench_throughput(work, repo, args.seconds)
         kill = bench_kill(work, repo)
@@ -245,20 +270,19 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "cpus": os.cpu_count(),
         "hop": hop,
-        "hop_aiohttp_client": hop_aiohttp,
-        "hop_unsigned": hop_unsigned,
         "throughput": throughput,
         "kill": kill,
         "unload": unload,
     }
-    print(
-        f"per extra span (identity spans, [1,16,{HIDDEN}] fp32, concurrency 1): "
-        f"{hop['per_extra_span_ms']:.3f} ms p50 (aim <= 0.5 ms); 1 span "
-        f"{hop['p50_ms_1_span']:.2f} ms, {hop['spans']} spans "
-        f"{hop[f'p50_ms_{args.spans}_spans']:.2f} ms; signed with aiohttp's client for hops "
-        f"(before): {hop_aiohttp['per_extra_span_ms']:.3f} ms; lean, unsigned: "
-        f"{hop_unsigned['per_extra_span_ms']:.3f} ms"
-    )
+    for label in HOP_VARIANTS:
+        row = hop[label]
+        print(
+            f"per extra span, {label} (identity spans, [1,16,{HIDDEN}] fp32, concurrency 1, "
+            f"median of {hop['rounds']} alternating rounds): {row['per_extra_span_ms']:.3f} ms "
+            f"p50 (aim <= 0.5 ms; rounds {row['per_extra_span_ms_rounds']}); 1 span "
+            f"{row['p50_ms_1_span']:.2f} ms, {hop['spans']} spans "
+            f"{row[f'p50_ms_{args.spans}_spans']:.2f} ms"
+        )
     for label, row in throughput.items():
         print(
             f"demo model, {label}: {row['throughput_rps']:.1f} req/s, p50 {row['p50_ms']:.1f} "
