@@ -316,6 +316,10 @@ class CoordinatorConfig(ServerConfig):
     max_hop_batch_rows: int = field(
         default=32, metadata={"help": "rows per batched hop; keep <= the nodes' max_batch_size"}
     )
+    max_hop_queue: int = field(
+        default=1024,
+        metadata={"help": "requests waiting for a hop per model before 503 + Retry-After"},
+    )
     hops_in_flight_per_replica: int = field(
         default=2,
         metadata={"help": "hops outstanding per first-span replica before requests queue up"},
@@ -360,7 +364,7 @@ class CoordinatorConfig(ServerConfig):
             raise ConfigError(f"replicas must be at least 1, got {self.replicas}")
         if self.stages < 0:
             raise ConfigError(f"stages must be 0 (automatic) or more, got {self.stages}")
-        for name in ("max_hop_batch_rows", "hops_in_flight_per_replica"):
+        for name in ("max_hop_batch_rows", "hops_in_flight_per_replica", "max_hop_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 

@@ -484,7 +484,7 @@ class Coordinator:
             request_id = decoded.id if safe and decoded.id else uuid.uuid4().hex[:16]
             if self.config.hop_batching and timeout is None and entry.signature.batchable:
                 answered = await self._batcher(name, entry, placement).infer(
-                    decoded.inputs, request_id
+                    decoded.inputs, request_id, time.monotonic() + self.config.request_timeout_s
                 )
             else:
                 answered = await self._hop(
@@ -544,11 +544,15 @@ class Coordinator:
             for old in [k for k in self.hop_batchers if k[0] == name]:
                 del self.hop_batchers[old]  # its hops in flight finish on their own
 
-            async def send(inputs: dict[str, np.ndarray], request_id: str) -> dict[str, np.ndarray]:
+            async def send(
+                inputs: dict[str, np.ndarray], request_id: str, deadline: float
+            ) -> dict[str, np.ndarray]:
                 current, now_placed = self.placed(name)  # replicas may have moved meanwhile
-                return await self._hop(name, current, now_placed, inputs, request_id)
+                return await self._hop(name, current, now_placed, inputs, request_id, deadline)
 
-            batcher = HopBatcher(send, self.config.max_hop_batch_rows, 1)
+            batcher = HopBatcher(
+                send, self.config.max_hop_batch_rows, 1, self.config.max_hop_queue, name
+            )
             self.hop_batchers[key] = batcher
         replicas = len(placement.spans[0].replicas) if placement.spans else 1
         batcher.max_in_flight = self.config.hops_in_flight_per_replica * max(1, replicas)

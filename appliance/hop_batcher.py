@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from appliance.errors import UpstreamError
 from runtime.batcher import BatchKey, Tensors, batch_key, concat_rows, select_batch, split_rows
+from runtime.errors import DeadlineExceeded, Overloaded
 
 log = logging.getLogger(__name__)
 
-# (inputs, request id) -> outputs of every row
-SendFn = Callable[[Tensors, str], Awaitable[Tensors]]
+# (inputs, request id, deadline as time.monotonic()) -> outputs of every row
+SendFn = Callable[[Tensors, str, float], Awaitable[Tensors]]
 
 
 @dataclass
@@ -36,14 +38,24 @@ class _Waiting:
     rows: int
     key: BatchKey
     request_id: str
+    deadline: float  # time.monotonic()
     future: asyncio.Future[Tensors]
 
 
 class HopBatcher:
-    def __init__(self, send: SendFn, max_rows: int, max_in_flight: int) -> None:
+    def __init__(
+        self,
+        send: SendFn,
+        max_rows: int,
+        max_in_flight: int,
+        max_queued: int = 1024,
+        name: str = "model",
+    ) -> None:
         self._send = send
         self.max_rows = max_rows
         self.max_in_flight = max_in_flight
+        self.max_queued = max_queued  # beyond it: 503 + Retry-After, not an unbounded queue
+        self.name = name
         self._queue: deque[_Waiting] = deque()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -54,10 +66,18 @@ class HopBatcher:
     def queued(self) -> int:
         return len(self._queue)
 
-    async def infer(self, inputs: Tensors, request_id: str) -> Tensors:
+    async def infer(self, inputs: Tensors, request_id: str, deadline: float) -> Tensors:
+        """Outputs for ``inputs``; ``deadline`` (time.monotonic()) bounds the wait in queue
+        too: a request still queued past it fails with DeadlineExceeded instead of leaving."""
+        if len(self._queue) >= self.max_queued:
+            raise Overloaded(
+                f"model {self.name}: {len(self._queue)} requests wait for the ring, the limit "
+                f"is {self.max_queued}; retry later"
+            )
         rows = next(iter(inputs.values())).shape[0] if inputs else 1
         future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Waiting(inputs, rows, batch_key(inputs), request_id, future))
+        waiting = _Waiting(inputs, rows, batch_key(inputs), request_id, deadline, future)
+        self._queue.append(waiting)
         self._pump()
         return await future  # cancelled by its client: the batch still runs, its row is dropped
 
@@ -72,7 +92,20 @@ class HopBatcher:
             task.add_done_callback(self._tasks.discard)
 
     def _take(self) -> list[_Waiting]:
-        items = [item for item in self._queue if not item.future.done()]  # drop the cancelled
+        now = time.monotonic()
+        items = []
+        for item in self._queue:
+            if item.future.done():  # its client hung up
+                continue
+            if item.deadline <= now:
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"request {item.request_id} waited past its deadline for model "
+                        f"{self.name}'s ring"
+                    )
+                )
+                continue
+            items.append(item)
         if not items:
             self._queue.clear()
             return []
@@ -100,18 +133,22 @@ class HopBatcher:
         self.rows_sent += sum(item.rows for item in batch)
         if len(batch) == 1:
             try:
-                return [await self._send(batch[0].inputs, batch[0].request_id)]
+                item = batch[0]
+                return [await self._send(item.inputs, item.request_id, item.deadline)]
             except Exception as exc:
                 return [exc]
         request_id = f"{batch[0].request_id}+{len(batch) - 1}"
+        deadline = min(item.deadline for item in batch)  # no member waits past its own
         try:
-            merged = await self._send(concat_rows([item.inputs for item in batch]), request_id)
+            merged = await self._send(
+                concat_rows([item.inputs for item in batch]), request_id, deadline
+            )
             return list(split_rows(merged, [item.rows for item in batch]))
         except UpstreamError as exc:
             if not 400 <= exc.status < 500:
                 return [exc] * len(batch)
             log.info("batch %s refused (%s): each request alone", request_id, exc)
-            alone = [self._send(item.inputs, item.request_id) for item in batch]
+            alone = [self._send(i.inputs, i.request_id, i.deadline) for i in batch]
             return list(await asyncio.gather(*alone, return_exceptions=True))
         except Exception as exc:  # no replica, deadline: the same for every request in it
             return [exc] * len(batch)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
 from appliance.errors import NoLiveReplica, UpstreamError
 from appliance.hop_batcher import HopBatcher
+from runtime.errors import DeadlineExceeded, Overloaded
 
 Tensors = dict[str, np.ndarray]
 
@@ -18,11 +20,13 @@ class Ring:
 
     def __init__(self, bad_value: float | None = None, error: Exception | None = None) -> None:
         self.calls: list[tuple[int, str]] = []
+        self.deadlines: list[float] = []
         self.release = asyncio.Event()
         self.bad_value = bad_value
         self.error = error
 
-    async def send(self, inputs: Tensors, request_id: str) -> Tensors:
+    async def send(self, inputs: Tensors, request_id: str, deadline: float) -> Tensors:
+        self.deadlines.append(deadline)
         x = inputs["x"]
         self.calls.append((x.shape[0], request_id))
         await self.release.wait()
@@ -33,6 +37,10 @@ class Ring:
         return {"y": x * 2, "n": np.full((x.shape[0],), x.shape[0])}
 
 
+def later(seconds: float = 30.0) -> float:
+    return time.monotonic() + seconds
+
+
 def row(value: float, width: int = 3) -> Tensors:
     return {"x": np.full((1, width), value, np.float32)}
 
@@ -41,7 +49,7 @@ async def test_a_lone_request_leaves_at_once() -> None:
     ring = Ring()
     ring.release.set()
     batcher = HopBatcher(ring.send, max_rows=32, max_in_flight=1)
-    out = await batcher.infer(row(1.0), "r1")
+    out = await batcher.infer(row(1.0), "r1", later())
     assert ring.calls == [(1, "r1")]
     np.testing.assert_array_equal(out["y"], np.full((1, 3), 2.0))
 
@@ -49,7 +57,7 @@ async def test_a_lone_request_leaves_at_once() -> None:
 async def test_requests_queued_behind_a_busy_hop_leave_as_one() -> None:
     ring = Ring()
     batcher = HopBatcher(ring.send, max_rows=32, max_in_flight=1)
-    tasks = [asyncio.create_task(batcher.infer(row(float(i)), f"r{i}")) for i in range(11)]
+    tasks = [asyncio.create_task(batcher.infer(row(float(i)), f"r{i}", later())) for i in range(11)]
     await asyncio.sleep(0.01)
     assert ring.calls == [(1, "r0")] and batcher.queued == 10
     ring.release.set()
@@ -64,10 +72,10 @@ async def test_requests_queued_behind_a_busy_hop_leave_as_one() -> None:
 async def test_batches_respect_max_rows_and_only_join_like_inputs() -> None:
     ring = Ring()
     batcher = HopBatcher(ring.send, max_rows=4, max_in_flight=1)
-    first = asyncio.create_task(batcher.infer(row(0.0), "a"))
+    first = asyncio.create_task(batcher.infer(row(0.0), "a", later()))
     await asyncio.sleep(0)
-    others = [batcher.infer(row(1.0), f"b{i}") for i in range(6)]
-    others += [batcher.infer(row(1.0, width=5), f"w{i}") for i in range(2)]
+    others = [batcher.infer(row(1.0), f"b{i}", later()) for i in range(6)]
+    others += [batcher.infer(row(1.0, width=5), f"w{i}", later()) for i in range(2)]
     gathered = asyncio.gather(*others)
     await asyncio.sleep(0.01)
     ring.release.set()
@@ -78,10 +86,10 @@ async def test_batches_respect_max_rows_and_only_join_like_inputs() -> None:
 async def test_a_batch_refused_as_bad_input_is_retried_one_by_one() -> None:
     ring = Ring(bad_value=7.0)
     batcher = HopBatcher(ring.send, max_rows=32, max_in_flight=1)
-    first = asyncio.create_task(batcher.infer(row(0.0), "a"))
+    first = asyncio.create_task(batcher.infer(row(0.0), "a", later()))
     await asyncio.sleep(0)
     values = [1.0, 7.0, 2.0]
-    waiting = [asyncio.create_task(batcher.infer(row(v), f"v{v}")) for v in values]
+    waiting = [asyncio.create_task(batcher.infer(row(v), f"v{v}", later())) for v in values]
     await asyncio.sleep(0.01)
     ring.release.set()
     await first
@@ -95,7 +103,7 @@ async def test_a_batch_refused_as_bad_input_is_retried_one_by_one() -> None:
 async def test_a_ring_failure_fails_the_whole_batch_with_its_error() -> None:
     ring = Ring(error=NoLiveReplica("no replica of span 0-5 answered"))
     batcher = HopBatcher(ring.send, max_rows=32, max_in_flight=1)
-    tasks = [asyncio.create_task(batcher.infer(row(1.0), f"r{i}")) for i in range(4)]
+    tasks = [asyncio.create_task(batcher.infer(row(1.0), f"r{i}", later())) for i in range(4)]
     await asyncio.sleep(0.01)
     ring.release.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -106,10 +114,10 @@ async def test_a_ring_failure_fails_the_whole_batch_with_its_error() -> None:
 async def test_a_cancelled_request_leaves_the_queue_and_the_rest_are_served() -> None:
     ring = Ring()
     batcher = HopBatcher(ring.send, max_rows=32, max_in_flight=1)
-    first = asyncio.create_task(batcher.infer(row(0.0), "a"))
+    first = asyncio.create_task(batcher.infer(row(0.0), "a", later()))
     await asyncio.sleep(0)
-    gone = asyncio.create_task(batcher.infer(row(1.0), "gone"))
-    kept = asyncio.create_task(batcher.infer(row(2.0), "kept"))
+    gone = asyncio.create_task(batcher.infer(row(1.0), "gone", later()))
+    kept = asyncio.create_task(batcher.infer(row(2.0), "kept", later()))
     await asyncio.sleep(0.01)
     gone.cancel()
     ring.release.set()
@@ -123,13 +131,42 @@ async def test_a_cancelled_request_leaves_the_queue_and_the_rest_are_served() ->
 async def test_a_queue_of_only_cancelled_requests_is_emptied() -> None:
     ring = Ring()
     batcher = HopBatcher(ring.send, max_rows=32, max_in_flight=1)
-    first = asyncio.create_task(batcher.infer(row(0.0), "a"))
+    first = asyncio.create_task(batcher.infer(row(0.0), "a", later()))
     await asyncio.sleep(0)
-    gone = [asyncio.create_task(batcher.infer(row(1.0), f"g{i}")) for i in range(3)]
+    gone = [asyncio.create_task(batcher.infer(row(1.0), f"g{i}", later())) for i in range(3)]
     await asyncio.sleep(0.01)
     for task in gone:  # clients that hung up (wrk stopping, a timeout)
         task.cancel()
     ring.release.set()
     await asyncio.wait_for(first, 5)  # the loop is not stuck pumping an all-cancelled queue
     assert batcher.queued == 0
-    assert await asyncio.wait_for(batcher.infer(row(3.0), "later"), 5)
+    assert await asyncio.wait_for(batcher.infer(row(3.0), "later", later()), 5)
+
+
+async def test_the_queue_is_bounded_with_a_503_that_says_why() -> None:
+    ring = Ring()
+    batcher = HopBatcher(ring.send, max_rows=32, max_in_flight=1, max_queued=3, name="demo")
+    tasks = [asyncio.create_task(batcher.infer(row(1.0), f"r{i}", later())) for i in range(4)]
+    await asyncio.sleep(0.01)  # one in flight, three queued: the queue is full
+    with pytest.raises(Overloaded, match="demo: 3 requests wait for the ring, the limit is 3"):
+        await batcher.infer(row(1.0), "one too many", later())
+    ring.release.set()
+    assert len(await asyncio.gather(*tasks)) == 4
+
+
+async def test_a_request_queued_past_its_deadline_fails_and_a_batch_keeps_the_earliest() -> None:
+    ring = Ring()
+    batcher = HopBatcher(ring.send, max_rows=32, max_in_flight=1)
+    first = asyncio.create_task(batcher.infer(row(0.0), "a", later()))
+    await asyncio.sleep(0)
+    expiring = asyncio.create_task(batcher.infer(row(1.0), "soon", later(0.05)))
+    kept = [asyncio.create_task(batcher.infer(row(2.0), f"k{i}", later(10 + i))) for i in range(2)]
+    await asyncio.sleep(0.1)  # "soon" is past its deadline while still queued
+    ring.release.set()
+    await first
+    with pytest.raises(DeadlineExceeded, match="soon waited past its deadline"):
+        await expiring
+    await asyncio.gather(*kept)
+    assert [rows for rows, _ in ring.calls] == [1, 2]
+    assert ring.deadlines[1] == pytest.approx(min(ring.deadlines[1:]))  # the earlier of the two
+    assert ring.deadlines[1] < time.monotonic() + 10.5
