@@ -24,11 +24,10 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from appliance.app_base import new_app, signer_for
+from appliance.app_base import InternalClients, internal_clients, new_app
 from appliance.async_jobs import JobRunner
 from appliance.auth import (
     CALLER,
-    internal_headers,
 )
 from appliance.body import read_body
 from appliance.cluster import Cluster, HeldSpan, Member
@@ -36,7 +35,6 @@ from appliance.config import CoordinatorConfig
 from appliance.errors import BadRequest, NoLiveReplica
 from appliance.hop_batcher import HopBatcher
 from appliance.hop_client import HopClient, HopSettings
-from appliance.hop_transport import close_hop_post, hop_post
 from appliance.http_errors import status_of
 from appliance.metrics import LATENCY_BUCKETS
 from appliance.node_server import (
@@ -62,7 +60,6 @@ from appliance.request_policy import (
     wants_async,
 )
 from appliance.signing import check_sender
-from appliance.tls import client_context
 from cache.errors import JobNotFound
 from cache.job import Job
 from cache.job_store import JobStore
@@ -182,6 +179,7 @@ class Coordinator:
         self.metrics = CoordinatorMetrics()
         self.session: aiohttp.ClientSession | None = None
         self.hops: HopClient | None = None
+        self.clients: InternalClients | None = None
         self.hop_batchers: dict[tuple[str, str], HopBatcher] = {}
         self._loading: set[tuple[str, str, int, int]] = set()
         self._replacing: set[str] = set()
@@ -926,17 +924,11 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
     )
 
     async def start(app: web.Application) -> None:
-        tls = client_context(config.tls_ca, config.tls_cert, config.tls_key)
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ssl=tls)
-        signer = signer_for(config, COORDINATOR_SENDER)
-        coordinator.session = aiohttp.ClientSession(
-            connector=connector,
-            headers=internal_headers(config.cluster_token),
-            middlewares=(signer.client_middleware(),) if signer else (),
-        )
+        coordinator.clients = internal_clients(config, COORDINATOR_SENDER)
+        coordinator.session = coordinator.clients.session
         m = coordinator.metrics
         coordinator.hops = HopClient(
-            hop_post(config, coordinator.session, signer, tls),
+            coordinator.clients.hop,
             HopSettings(min_attempt_s=config.min_attempt_s),
             on_attempt=lambda url: m.hop_attempts.labels(url).inc(),
             on_retry=lambda url: m.retries.labels(url).inc(),
@@ -978,10 +970,8 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
             await coordinator.jobs.close()
         if coordinator.cache is not None:
             coordinator.cache.close()
-        if coordinator.session is not None:
-            await coordinator.session.close()
-        if coordinator.hops is not None:
-            await close_hop_post(coordinator.hops.post)
+        if coordinator.clients is not None:
+            await coordinator.clients.close()
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

@@ -20,11 +20,11 @@ import ssl
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from appliance.config import ServerConfig
 from appliance.signing import HEADER_SIGNATURE, Signer
 
 MAX_HEAD = 64 * 1024
@@ -225,7 +225,7 @@ class _LeanPost:
 
 
 def hop_post(
-    config: Any,
+    config: ServerConfig,
     session: aiohttp.ClientSession,
     signer: Signer | None,
     tls: ssl.SSLContext | bool,

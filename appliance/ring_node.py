@@ -18,15 +18,12 @@ import psutil
 from aiohttp import web
 
 from appliance import ring_protocol as rp
-from appliance.app_base import signer_for
+from appliance.app_base import InternalClients, internal_clients
 from appliance.app_keys import CONFIG, REGISTRY
-from appliance.auth import internal_headers
 from appliance.body import read_body
 from appliance.config import NodeConfig
 from appliance.errors import BadRequest, DigestMismatch
 from appliance.hop_client import HopClient, HopSettings
-from appliance.hop_transport import close_hop_post, hop_post
-from appliance.tls import client_context
 from runtime.codec import decode_request, encode_request, encode_response, parse_header_length
 from runtime.errors import DeadlineExceeded, ModelLoadError, ModelNotFound
 from runtime.manifest import Manifest, read_manifest, segment_hash, write_manifest
@@ -38,6 +35,7 @@ log = logging.getLogger(__name__)
 HOPS = web.AppKey("hop_client", HopClient)
 IDENTITY = web.AppKey("identity", dict)
 SESSION = web.AppKey("client_session", aiohttp.ClientSession)
+CLIENTS = web.AppKey("internal_clients", InternalClients)
 _FETCH_CHUNK = 1 << 20
 
 
@@ -307,22 +305,12 @@ def add_ring_routes(app: web.Application, config: NodeConfig) -> None:
     )
 
     async def start(app: web.Application) -> None:
-        tls = client_context(config.tls_ca, config.tls_cert, config.tls_key)
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ssl=tls)
-        signer = signer_for(config, app[IDENTITY]["node_id"])
-        app[SESSION] = aiohttp.ClientSession(
-            connector=connector,
-            headers=internal_headers(config.cluster_token),
-            middlewares=(signer.client_middleware(),) if signer else (),
-        )
-        app[HOPS] = HopClient(
-            hop_post(config, app[SESSION], signer, tls),
-            HopSettings(min_attempt_s=config.min_attempt_s),
-        )
+        app[CLIENTS] = internal_clients(config, app[IDENTITY]["node_id"])
+        app[SESSION] = app[CLIENTS].session
+        app[HOPS] = HopClient(app[CLIENTS].hop, HopSettings(min_attempt_s=config.min_attempt_s))
 
     async def stop(app: web.Application) -> None:
-        await app[SESSION].close()
-        await close_hop_post(app[HOPS].post)
+        await app[CLIENTS].close()
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
