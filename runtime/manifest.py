@@ -1,8 +1,13 @@
-"""The model package manifest (DESIGN.md "Model package") and the digest that names its bytes.
+"""The model package manifest (docs/design.md "Model package") and the digest of its bytes.
 
 Layout: ``{model-repo}/{name}/{version}/manifest.json`` + ``segment-{k}.onnx``; a folder holding a
 plain ``model.onnx`` is a package of one segment. The digest is sha256 over the raw 32-byte
 sha256 of every segment file, in segment order, written ``sha256:<hex>``.
+
+Format 1 (no ``format`` key) is a single-pass package. Format 2 adds ``kind``: ``single_pass``
+or ``generation``; a generation package is a decoder cut at block boundaries whose segments each
+own their layers' KV cache (``SegmentInfo.kv``), with the tokenizer, chat template and
+generation settings described by ``Manifest.generation``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any
 from runtime.errors import ModelLoadError
 
 MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 2  # what this code writes; it reads 1 and 2
+KINDS = ("single_pass", "generation")
 PLAIN_MODEL_FILE = "model.onnx"
 _HASH_CHUNK = 1 << 20
 
@@ -29,6 +36,22 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class KvLayout:
+    """The KV cache a generation segment owns: layers first_layer..first_layer+layers-1, each
+    with a key and a value of [batch, kv_heads, past, head_dim] in ``dtype``."""
+
+    first_layer: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str = "FP32"
+
+    def bytes_per_token(self) -> int:
+        itemsize = {"FP32": 4, "FP16": 2, "BF16": 2}.get(self.dtype, 4)
+        return 2 * self.layers * self.kv_heads * self.head_dim * itemsize
+
+
+@dataclass(frozen=True)
 class SegmentInfo:
     file: str
     bytes: int
@@ -37,6 +60,31 @@ class SegmentInfo:
     outputs: list[str]
     # external data files of this segment (relative to the version folder), hashed too
     external_data: list[str] = field(default_factory=list)
+    kv: KvLayout | None = None  # generation packages only
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any]) -> SegmentInfo:
+        fields = dict(raw)
+        kv = fields.pop("kv", None)
+        return SegmentInfo(**fields, kv=KvLayout(**kv) if kv is not None else None)
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    """What a generation package needs besides its graphs (files relative to the folder)."""
+
+    tokenizer: str  # tokenizer.json, read with the ``tokenizers`` library
+    chat_template: str | None  # a jinja2 file, or None for a model without one
+    eos_token_ids: list[int]  # every id that ends a sequence
+    bos_token_id: int | None
+    pad_token_id: int | None
+    context_length: int  # positions the model was trained for
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    dtype: str = "FP32"
+    generation_config: str | None = None  # the source's generation_config.json, if any
+    defaults: dict[str, Any] = field(default_factory=dict)  # e.g. temperature, top_p
 
 
 @dataclass(frozen=True)
@@ -51,12 +99,31 @@ class Manifest:
     segments: list[SegmentInfo]
     default_stages: list[list[int]]
     verification: dict[str, Any] = field(default_factory=dict)
+    format: int = 1
+    kind: str = "single_pass"
+    generation: GenerationInfo | None = None
+
+    @property
+    def is_generation(self) -> bool:
+        return self.kind == "generation"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
 
     @staticmethod
     def from_dict(raw: dict[str, Any], where: str) -> Manifest:
+        form = raw.get("format", 1)
+        kind = raw.get("kind", "single_pass")
+        if form not in (1, FORMAT_VERSION):
+            raise ModelLoadError(
+                f"{where}: manifest format {form!r} is not readable here; accepted: 1, "
+                f"{FORMAT_VERSION} (a newer exporter wrote it: upgrade onnx-appliance)"
+            )
+        if kind not in KINDS:
+            raise ModelLoadError(
+                f"{where}: package kind {kind!r} is not served here; accepted: {', '.join(KINDS)}"
+            )
+        generation = raw.get("generation")
         try:
             return Manifest(
                 name=str(raw["name"]),
@@ -66,13 +133,16 @@ class Manifest:
                 source=str(raw.get("source", "")),
                 inputs=[TensorInfo(**t) for t in raw["inputs"]],
                 outputs=[TensorInfo(**t) for t in raw["outputs"]],
-                segments=[SegmentInfo(**s) for s in raw["segments"]],
+                segments=[SegmentInfo.from_dict(s) for s in raw["segments"]],
                 default_stages=[list(map(int, s)) for s in raw.get("default_stages", [])],
                 verification=dict(raw.get("verification", {})),
+                format=int(form),
+                kind=str(kind),
+                generation=GenerationInfo(**generation) if generation is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(
-                f"{where}: manifest is not valid ({exc!r}); see DESIGN.md"
+                f"{where}: manifest is not valid ({exc!r}); see docs/design.md, 'Model package'"
             ) from exc
 
 
