@@ -6,19 +6,14 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-from appliance.app_keys import CONFIG as CONFIG_KEY
 from appliance.config import CoordinatorConfig, NodeConfig, add_config_flags, load_config
 from appliance.errors import ConfigError
-from appliance.logs import configure_logging
-from appliance.sd_notify import notify, start_watchdog
-from appliance.tls import server_context
+from appliance.http.logs import configure_logging
+from appliance.http.server import Listening, Server
 from runtime.errors import RuntimeFailure
 from runtime.session import conflicting_onnxruntime_installs
 
@@ -212,51 +207,29 @@ async def _serve(config: CoordinatorConfig, nodes: int) -> int:
     return await run_local_ring(config, ring, work)
 
 
-async def _leave(app: Any) -> None:
-    """Tell the coordinator this node is going, so routes skip it before its sockets close."""
-    from appliance.ring_node import IDENTITY, SESSION, coordinator_url
-
-    try:
-        async with app[SESSION].post(
-            coordinator_url(app[CONFIG_KEY].join, bool(app[CONFIG_KEY].tls_ca)) + "/internal/leave",
-            json={"node_id": app[IDENTITY]["node_id"], "incarnation": app[IDENTITY]["incarnation"]},
-            timeout=aiohttp.ClientTimeout(total=2),
-        ):
-            pass
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        log.warning("could not tell the coordinator this node is leaving: %s", exc)
-
-
 async def _run_node(config: NodeConfig) -> int:
-    from appliance.node_server import build_node_app, start_app
+    from appliance.node.membership import leave, start_membership
+    from appliance.node.server import build_node_app
 
     app = build_node_app(config)
-    tls = server_context(config.tls_cert, config.tls_key, config.tls_ca)
-    runner, port = await start_app(app, config.host, config.port, config.access_log, tls)
-    scheme = "https" if tls else "http"
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    log.info("listening on http://%s:%d (model repository %s)", host, port, config.model_repo)
-    print(f"appliance listening on {scheme}://{host}:{port}", flush=True)
-    membership = None
-    if config.join:
-        from appliance.ring_node import start_membership
+    server = Server(app, config, "appliance")
 
-        membership = start_membership(app, config.advertise_url or f"{scheme}://{host}:{port}")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    watchdog = start_watchdog()
-    await stop.wait()
-    log.info("stopping: finishing in-flight requests")
-    notify("STOPPING=1")
-    if watchdog is not None:
-        watchdog.cancel()
-    if membership is not None:
-        membership.cancel()  # no heartbeat may re-announce a node that is leaving
-        await _leave(app)
-    await runner.cleanup()  # stops accepting, lets in-flight requests finish (bounded)
-    return 0
+    async def main(listening: Listening, stop: asyncio.Event) -> int:
+        log.info("listening on %s (model repository %s)", listening.url, config.model_repo)
+        if not config.join:
+            await stop.wait()
+            return 0
+        membership = start_membership(app, config.advertise_url or listening.url)
+
+        async def say_goodbye() -> None:
+            membership.cancel()  # no heartbeat may re-announce a node that is leaving
+            await leave(app)
+
+        server.before_stop.insert(0, say_goodbye)
+        await stop.wait()
+        return 0
+
+    return await server.serve(main)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,16 @@ class ConfigError(ApplianceError):
     """A config file or flag is invalid; the message names the key and what is accepted."""
 
 
+class PlacementError(ApplianceError):
+    """A placement request that is invalid in itself, e.g. more stages than segments (400)."""
+
+
+class DoesNotFit(PlacementError):
+    """The ring's nodes cannot hold what is asked (memory, replicas on distinct nodes): 507.
+    Not a "retry later" 503: nothing changes until an operator adds memory or nodes, frees a
+    model, or asks for less, so hop clients and job runners never retry it."""
+
+
 class NoLiveReplica(ApplianceError):
     """Every replica of a span failed or none is alive (maps to 503)."""
 

@@ -2,7 +2,8 @@
 
 Each node gets 1/N of the memory budget and of the cores (onnxruntime threads), its own cache
 folder and a stable id; the demo model (or the given one) is placed as K spans with R replicas.
-Ctrl-C or SIGTERM stops the nodes, then the coordinator.
+Ctrl-C or SIGTERM stops the nodes first (each tells the coordinator it leaves), then the
+coordinator.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import psutil
 from aiohttp import web
 
 from appliance.config import CoordinatorConfig
-from appliance.coordinator_server import COORDINATOR, build_coordinator_app
+from appliance.coordinator.app import build_coordinator_app
+from appliance.coordinator.cluster import Cluster
+from appliance.coordinator.keys import COORDINATOR
 from appliance.errors import ConfigError
-from appliance.node_server import start_app
-from appliance.sd_notify import notify, start_watchdog
-from appliance.signing import new_secret, parse_secrets
-from appliance.tls import server_context
+from appliance.http.server import Listening, Server
+from appliance.sd_notify import notify
+from appliance.security.signing import new_secret, parse_secrets
 
 log = logging.getLogger(__name__)
 
@@ -90,34 +92,52 @@ def local_secrets_file(config: CoordinatorConfig, work: Path) -> Path:
     return path
 
 
+class _Nodes:
+    """The local node processes: started once the coordinator listens, stopped before it."""
+
+    def __init__(self) -> None:
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, commands: list[list[str]]) -> None:
+        # stdout is the coordinator's: its one "listening on" line is what scripts read
+        self.processes = [subprocess.Popen(c, stdout=subprocess.DEVNULL) for c in commands]
+
+    async def stop(self) -> None:
+        log.info("stopping %d node(s), then the coordinator", len(self.processes))
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for process in self.processes:
+            while process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # not wait(): the coordinator hears their goodbyes
+            if process.poll() is None:
+                process.kill()
+
+
 async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path) -> int:
     if ring.nodes < 1:
         raise ConfigError(f"--nodes must be at least 1, got {ring.nodes}")
     secrets_file = local_secrets_file(config, work)
     config = replace(config, cluster_secrets=[], cluster_secrets_file=str(secrets_file))
     app = build_coordinator_app(config)
-    tls = server_context(config.tls_cert, config.tls_key, config.tls_ca)
-    runner, port = await start_app(app, config.host, config.port, config.access_log, tls)
-    scheme = "https" if tls else "http"
-    url = f"{scheme}://{config.host}:{port}"
-    cores = os.cpu_count() or 1
-    threads = max(1, cores // ring.nodes)
-    budget = psutil.virtual_memory().available // ring.nodes
-    processes = [
-        # stdout is the coordinator's: its one "listening on" line is what scripts read
-        subprocess.Popen(
-            node_command(i, url, work, threads, budget, ring.node_log_level, secrets_file),
-            stdout=subprocess.DEVNULL,
+    server = Server(app, config, None)  # the listening line comes once the ring is placed
+    nodes = _Nodes()
+    server.before_stop.append(nodes.stop)
+
+    async def main(listening: Listening, stop: asyncio.Event) -> int:
+        cores = os.cpu_count() or 1
+        threads = max(1, cores // ring.nodes)
+        budget = psutil.virtual_memory().available // ring.nodes
+        level = ring.node_log_level
+        nodes.start(
+            [
+                node_command(i, listening.url, work, threads, budget, level, secrets_file)
+                for i in range(ring.nodes)
+            ]
         )
-        for i in range(ring.nodes)
-    ]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
         coordinator = app[COORDINATOR]
-        await _wait_for_members(coordinator.cluster, ring.nodes, processes, stop)
+        await _wait_for_members(coordinator.cluster, ring.nodes, nodes.processes, stop)
         if stop.is_set():
             return 0
         placement = await coordinator.load(ring.model, ring.stages, ring.replicas)
@@ -125,39 +145,30 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
             f"segments {s.first}-{s.last} on {'+'.join(s.replicas)}" for s in placement.spans
         )
         log.info("%s placed: %s", ring.model, spans)
+        notify(f"STATUS=serving {ring.model} on {ring.nodes} local node(s)")
+        notify("READY=1")
         print(
-            f"appliance listening on {url} (coordinator + {ring.nodes} nodes; {spans})", flush=True
+            f"appliance listening on {listening.url} (coordinator + {ring.nodes} nodes; {spans})",
+            flush=True,
         )
         while not stop.is_set():
             await asyncio.sleep(0.5)
-            dead = [p.pid for p in processes if p.poll() is not None]
+            dead = [p.pid for p in nodes.processes if p.poll() is not None]
             if dead and not stop.is_set():
                 log.warning("node process(es) %s exited", dead)
-                processes = [p for p in processes if p.poll() is None]
+                nodes.processes = [p for p in nodes.processes if p.poll() is None]
         return 0
-    finally:
-        log.info("stopping %d node(s) and the coordinator", len(processes))
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        await runner.cleanup()
+
+    return await server.serve(main)
 
 
 async def _wait_for_members(
-    cluster: object,
+    cluster: Cluster,
     count: int,
     processes: list[subprocess.Popen[bytes]],
     stop: asyncio.Event,
     timeout_s: float = 120,
 ) -> None:
-    from appliance.cluster import Cluster
-
-    assert isinstance(cluster, Cluster)
     end = time.monotonic() + timeout_s
     while time.monotonic() < end and not stop.is_set():
         if len(cluster.live(time.monotonic())) >= count:
@@ -175,25 +186,18 @@ async def _wait_for_members(
 
 async def run_coordinator(config: CoordinatorConfig) -> int:
     app = build_coordinator_app(config)
-    tls = server_context(config.tls_cert, config.tls_key, config.tls_ca)
-    runner, port = await start_app(app, config.host, config.port, config.access_log, tls)
-    scheme = "https" if tls else "http"
-    print(f"appliance coordinator listening on {scheme}://{config.host}:{port}", flush=True)
-    notify(f"STATUS=listening on {config.host}:{port}")
-    notify("READY=1")
-    watchdog = start_watchdog()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if config.models:
-        loop.create_task(_place_when_joined(app, config))
-    await stop.wait()
-    notify("STOPPING=1")
-    if watchdog is not None:
-        watchdog.cancel()
-    await runner.cleanup()
-    return 0
+    server = Server(app, config, "appliance coordinator")
+
+    async def main(listening: Listening, stop: asyncio.Event) -> int:
+        notify(f"STATUS=listening on {listening.url}")
+        notify("READY=1")
+        placing = [asyncio.get_running_loop().create_task(_place_when_joined(app, config))]
+        await stop.wait()
+        for task in placing:
+            task.cancel()
+        return 0
+
+    return await server.serve(main)
 
 
 async def _place_when_joined(app: web.Application, config: CoordinatorConfig) -> None:

@@ -1,16 +1,18 @@
 """systemd units for nodes and the coordinator, written for the environment that runs this code.
 
-``appliance install-units`` fills the templates under ``systemd/`` with this interpreter's path,
-the service user, the state folder and the node memory limit.
+``appliance install-units`` fills the templates shipped in the package (``appliance/systemd/``,
+package data of the wheel) with this interpreter's path, the service user, the state folder and
+the node memory limit.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "systemd"
+TEMPLATES = files("appliance") / "systemd"
 UNITS = ("appliance-node@.service", "appliance-coordinator.service")
 
 

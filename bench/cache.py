@@ -24,7 +24,6 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from bench.harness import Ring
 from bench.loadgen import run_load
 from bench.report import save_report
 from cache.keys import cache_key
@@ -32,6 +31,7 @@ from cache.result_cache import CacheSettings, ResultCache
 from exporter.demo_model import build_demo_model
 from exporter.export import export_model
 from runtime.codec import encode_request
+from tests.support.harness import Ring
 
 DIGEST = "sha256:" + "ab" * 32
 

@@ -5,7 +5,7 @@
 
 Prints (and writes as JSON): export wall time and peak RSS (aim: under 3x the model's bytes), and
 the RSS after warm-up of a process holding one quarter of the segments versus the whole model
-(aim, DESIGN.md: <= 1.15 x span bytes + 150 MB).
+(aim, docs/design.md: <= 1.15 x span bytes + 150 MB).
 """
 
 from __future__ import annotations

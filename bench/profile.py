@@ -31,10 +31,10 @@ from typing import Any
 
 import psutil
 
-from bench.harness import Ring
 from bench.loadgen import run_load, run_wrk
 from bench.report import save_report
 from bench.suite import DOCS, Model, _v2_body, prepare_models
+from tests.support.harness import Ring
 
 TOKEN = "bench-profile-" + "t" * 24
 # (label, coordinator flags, internal calls signed, bearer token required): the first is the
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 variants.append(start_variant(work, model, variant, args.threads))
             for v in variants:  # warm every path before anything is counted
                 measure(v.url, body, {**headers, **v.headers}, 2)
-            profiles = []
+            profiles: list[dict[str, Any]] = []
             for v in variants:
                 out = work / f"spy-{len(profiles)}"
                 out.mkdir()

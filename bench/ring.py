@@ -30,13 +30,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bench.harness import Ring, http
 from bench.loadgen import run_load
 from bench.report import save_report
 from exporter.demo_model import build_demo_model
 from exporter.export import export_model
 from exporter.package_writer import write_package
 from runtime.codec import encode_request
+from tests.support.harness import Ring, http
 
 HIDDEN = 384
 
@@ -203,9 +203,11 @@ def bench_kill(work: Path, repo: Path, count: int = 1000, concurrency: int = 16)
                 if done >= count // 5:
                     reached.set()
 
-        killer = threading.Thread(
-            target=lambda: (reached.wait(120), ring.kill(victim, signal.SIGKILL))
-        )
+        def kill_when_reached() -> None:
+            reached.wait(120)
+            ring.kill(victim, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_reached)
         killer.start()
         started = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:

@@ -4,7 +4,7 @@
     python -m bench.serving --quick         # demo model, concurrency 32, binary, a few seconds
     python -m bench.serving --model-repo DIR --model minilm --tokens 16
 
-The limit is DESIGN.md's: ``session.run`` on pre-built batches of 32 rows with the same threads
+The limit is docs/design.md's: ``session.run`` on pre-built batches of 32 rows with the same threads
 and session options as the node. The node runs as a subprocess (``appliance node``) and the load
 comes from this process over loopback, one sample per request, binary tensor bodies.
 """

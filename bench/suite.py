@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bench.harness import Ring
 from bench.loadgen import run_load
 from bench.serving import NodeProcess, in_process_limit, sample_inputs
 from exporter.demo_model import build_demo_model
@@ -38,6 +37,7 @@ from exporter.export import export_model
 from runtime.codec import encode_request
 from runtime.package import load_span, open_package
 from runtime.session import SessionSettings
+from tests.support.harness import Ring
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

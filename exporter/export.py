@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import numpy as np
 import onnx
 
-from exporter.errors import ExportError, PackageExists
+from exporter.errors import ExportError, PackageExists, VerificationFailed
 from exporter.package_writer import write_package
 from exporter.partition import (
     SegmentPlan,
@@ -40,7 +40,7 @@ from exporter.shapes import (
     type_by_running,
     untyped,
 )
-from exporter.verify import Comparison, VerificationFailed, compare, run_chained, run_whole
+from exporter.verify import Comparison, compare, run_chained, run_whole
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Write a model package (DESIGN.md "Model package: segments, placed as spans") atomically.
+"""Write a model package (docs/design.md, "Model packages") atomically.
 
 Everything is built in a dot-named temp folder beside the target (``{repo}/{name}/.tmp-...``), each
 file fsynced, then the folder is renamed onto ``{repo}/{name}/{version}``. A reader therefore sees

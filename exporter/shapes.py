@@ -13,45 +13,45 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
 from exporter.errors import ExportError
+from runtime.session import GraphOptimization, ModelSession, SessionSettings, create_session
 
 log = logging.getLogger(__name__)
 
 EXTERNAL_DATA = "folded.onnx.data"
 
 
+def cpu_settings(optimization: GraphOptimization = "all", threads: int = 0) -> SessionSettings:
+    """The exporter's sessions: the CPU, whatever GPU there is (results must compare with the
+    CPU reference), spinning off as for nodes."""
+    return SessionSettings(device="cpu", intra_op_threads=threads, graph_optimization=optimization)
+
+
 def _session(
-    probe: onnx.ModelProto, folder: Path | None, options: ort.SessionOptions | None = None
-) -> ort.InferenceSession:
+    probe: onnx.ModelProto, folder: Path | None, optimization: GraphOptimization = "all"
+) -> ModelSession:
     """A session of ``probe``; with ``folder``, the probe is a graph whose weights lie in an
     external data file there, and only the session (not a serialised copy) holds them."""
-    providers = ["CPUExecutionProvider"]
     if folder is None:
-        return ort.InferenceSession(probe.SerializeToString(), options, providers=providers)
+        return create_session(probe.SerializeToString(), cpu_settings(optimization))
     path = folder / f"probe-{uuid.uuid4().hex[:8]}.onnx"
     onnx.save_model(probe, str(path))
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        return create_session(path, cpu_settings(optimization))
     finally:
         path.unlink(missing_ok=True)
 
 
-def _probe_session(
-    model: onnx.ModelProto, outputs: list[str], folder: Path | None
-) -> ort.InferenceSession:
+def _probe_session(model: onnx.ModelProto, outputs: list[str], folder: Path | None) -> ModelSession:
     """A session of ``model`` that also returns ``outputs`` (inner tensors)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs if n not in existing)
-    options = ort.SessionOptions()
     # keep every tensor as the graph makes it: fusions would rename or drop the ones asked for
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return _session(probe, folder, options)
+    return _session(probe, folder, "disable")
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -91,7 +91,7 @@ def type_by_running(
         if name not in existing:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
     try:
-        values = _session(probe, folder).run(names, feeds)
+        values = _session(probe, folder).run(feeds, names)
     except Exception as exc:  # onnxruntime's errors are untyped
         raise ExportError(
             f"cannot type tensors {', '.join(names)} by running the model: {exc}"
@@ -129,7 +129,7 @@ def measure_bytes(
         return sizes
     try:
         session = _probe_session(model, wanted, folder)
-        values = session.run(wanted, {k: v for k, v in feeds.items() if k in inputs})
+        values = session.run({k: v for k, v in feeds.items() if k in inputs}, wanted)
     except Exception as exc:  # onnxruntime's errors are untyped
         log.warning("could not measure frontier tensors by a run (%s); using estimates", exc)
         return sizes
@@ -149,21 +149,16 @@ def fold_constants(path: Path, work: Path) -> Path:
     external file lets the cutter load the graph alone and each segment its own weights.
     """
     target = work / "folded.onnx"
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(target)
-    options.log_severity_level = 3
-    options.add_session_config_entry(
-        "session.optimized_model_external_initializers_file_name", EXTERNAL_DATA
-    )
-    options.add_session_config_entry(
-        "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
-    )
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = create_session(
+            path,
+            cpu_settings("basic"),
+            save_optimized_to=target,
+            external_data_name=EXTERNAL_DATA,
+        )
         del session
         return target
-    except Exception as exc:  # onnxruntime's errors are untyped
+    except Exception as exc:  # onnxruntime's errors are untyped (ModelLoadError here)
         log.warning("constant folding failed (%s); cutting the graph as exported", exc)
     model = onnx.load(str(path))
     onnx.save_model(
@@ -193,7 +188,7 @@ def pin_observed_dims(
     try:
         session = _probe_session(model, wanted, folder)
         runs = [
-            session.run(wanted, {k: v for k, v in s.items() if k in graph_inputs}) for s in samples
+            session.run({k: v for k, v in s.items() if k in graph_inputs}, wanted) for s in samples
         ]
     except Exception as exc:  # onnxruntime's errors are untyped
         log.warning("could not observe the shapes of cut tensors (%s); keeping inferred ones", exc)

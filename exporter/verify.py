@@ -1,6 +1,8 @@
 """Checking a cut model: the chained segments against the whole model, the whole against PyTorch.
 
-Runs go in sequence to bound memory: one session at a time, freed before the next is loaded.
+The chain runs through ``runtime.package.SpanRunner``, the code nodes serve spans with, so what
+is verified is what is served. Runs go in sequence to bound memory: one segment's session at a
+time, freed before the next is loaded.
 """
 
 from __future__ import annotations
@@ -13,25 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from exporter.errors import ExportError
+from exporter.shapes import cpu_settings
+from runtime.package import SpanRunner
+from runtime.session import create_session
 
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
-
-
-class VerificationFailed(ExportError):
-    """Some outputs differ beyond tolerance; the message lists each with its max difference."""
-
-    def __init__(self, what: str, failures: dict[str, float], atol: float, rtol: float) -> None:
-        listing = "; ".join(f"{name}: max abs diff {diff:.3g}" for name, diff in failures.items())
-        super().__init__(
-            f"{what}: {len(failures)} output(s) differ beyond atol={atol:g}, rtol={rtol:g}: "
-            f"{listing}"
-        )
-        self.failures = failures
 
 
 @dataclass
@@ -45,25 +37,11 @@ class Comparison:
         return {"max_abs_diff": {k: float(f"{v:.4g}") for k, v in self.max_abs_diff.items()}}
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def run_whole(path: Path, samples: list[Tensors], threads: int = 0) -> list[Tensors]:
-    session = _session(path, threads)
-    names = [o.name for o in session.get_outputs()]
-    wanted = {i.name for i in session.get_inputs()}
-    results = [
-        dict(
-            zip(names, session.run(names, {k: v for k, v in s.items() if k in wanted}), strict=True)
-        )
-        for s in samples
-    ]
-    del session
+    runner = SpanRunner([create_session(path, cpu_settings(threads=threads))])
+    wanted = {spec.name for spec in runner.signature.inputs}
+    results = [runner.run({k: v for k, v in s.items() if k in wanted}) for s in samples]
+    del runner
     gc.collect()
     return results
 
@@ -74,17 +52,16 @@ def run_chained(
     """Feed every sample through the segments, loading one segment at a time."""
     envs = [dict(sample) for sample in samples]
     for path in paths:
-        session = _session(path, threads)
-        inputs = [i.name for i in session.get_inputs()]
-        names = [o.name for o in session.get_outputs()]
+        runner = SpanRunner([create_session(path, cpu_settings(threads=threads))])
+        inputs = [spec.name for spec in runner.signature.inputs]
         for env in envs:
             missing = [n for n in inputs if n not in env]
             if missing:
                 raise ExportError(
                     f"{path.name} needs {', '.join(missing)}, which no earlier segment makes"
                 )
-            env.update(zip(names, session.run(names, {n: env[n] for n in inputs}), strict=True))
-        del session
+            env.update(runner.run({n: env[n] for n in inputs}))
+        del runner
         gc.collect()
     return [{name: env[name] for name in outputs} for env in envs]
 

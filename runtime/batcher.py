@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.deadline import Deadline
 from runtime.errors import DeadlineExceeded, InvalidRequest, Overloaded, RuntimeFailure
 from runtime.stats import ModelStats
 
@@ -46,7 +47,7 @@ class _Pending:
         rows: int,
         key: BatchKey,
         future: asyncio.Future[Tensors],
-        deadline: float | None,
+        deadline: Deadline | None,
     ) -> None:
         self.inputs = inputs
         self.outputs = outputs
@@ -166,12 +167,12 @@ class DynamicBatcher:
         await self.close()
 
     async def infer(
-        self, inputs: Tensors, outputs: list[str] | None = None, deadline: float | None = None
+        self, inputs: Tensors, outputs: list[str] | None = None, deadline: Deadline | None = None
     ) -> Tensors:
         """Queue one request (any number of rows) and await its outputs.
 
-        ``deadline`` is absolute ``time.monotonic()``; a request still queued past it fails with
-        DeadlineExceeded instead of running.
+        A request still queued past its ``deadline`` fails with DeadlineExceeded instead of
+        running.
         """
         if self._closed:
             raise Overloaded(f"model {self.name} is being unloaded")
@@ -248,7 +249,7 @@ class DynamicBatcher:
             remaining = (head.enqueued_ns + delay_ns - time.perf_counter_ns()) / 1e9
             deadlines = [i.deadline for i in self._queue if i.deadline is not None]
             if deadlines:  # wake in time to fail an expiring request promptly
-                remaining = min(remaining, min(deadlines) - time.monotonic())
+                remaining = min(remaining, min(deadlines).remaining())
             if remaining <= 0:
                 return
             self._wakeup.clear()
@@ -267,7 +268,7 @@ class DynamicBatcher:
         """Drop cancelled requests and fail expired ones before they take a place in a run."""
         now = time.monotonic()
         if not any(
-            item.future.done() or (item.deadline is not None and item.deadline <= now)
+            item.future.done() or (item.deadline is not None and item.deadline.expired(now))
             for item in self._queue
         ):
             return
@@ -275,7 +276,7 @@ class DynamicBatcher:
         for item in self._queue:
             if item.future.done():
                 continue
-            if item.deadline is not None and item.deadline <= now:
+            if item.deadline is not None and item.deadline.expired(now):
                 self.stats.fail.add(time.perf_counter_ns() - item.enqueued_ns)
                 item.future.set_exception(
                     DeadlineExceeded(f"model {self.name}: the request's timeout passed in queue")

@@ -1,7 +1,7 @@
 """Typed errors of the runtime package.
 
 Each error says what was wrong and what is accepted; the HTTP layer maps the classes to status
-codes in one place (``appliance.http_errors``), so nothing here knows about HTTP.
+codes in one place (``appliance.http.errors``), so nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -65,3 +65,65 @@ class DeviceUnavailable(RuntimeFailure):
 
 class ModelLoadError(RuntimeFailure):
     """A model package could not be read, checked, loaded or warmed."""
+
+
+# --- text generation: sampling, the node's KV budget, the coordinator's text side ---
+
+
+class InvalidSamplingParams(InvalidRequest):
+    """A sampling parameter (temperature, top_k, top_p, seed) of the wrong type or range."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class NonFiniteLogits(RuntimeFailure):
+    """The model produced NaN or +inf logits, or masked every token: nothing can be sampled."""
+
+
+class KvBudgetExhausted(Overloaded):
+    """The node's KV memory is held by live sequences now; retry after some finish (503)."""
+
+
+class KvReservationTooLarge(InvalidRequest):
+    """A sequence asks more KV memory than the node's whole capacity: it can never fit."""
+
+
+class UnknownSequence(InvalidRequest):
+    """A step names a sequence the node holds no KV reservation for (released or expired)."""
+
+
+class KvReservationExceeded(InvalidRequest):
+    """A sequence used more KV bytes than it reserved (prompt + max_tokens)."""
+
+
+class InvalidMessages(InvalidRequest):
+    """Chat messages that are not a list of {role, content} with an accepted role and text."""
+
+
+class NoChatTemplate(InvalidRequest):
+    """Chat asked of a model whose package has no chat template (use a plain prompt)."""
+
+
+class ChatTemplateError(InvalidRequest):
+    """The chat template refused the conversation (its raise_exception) or failed on it."""
+
+
+class InvalidStop(InvalidRequest):
+    """Stop strings of the wrong type, count or length."""
+
+
+# --- generation packages: the decoder span a node serves (runtime.decoder) ---
+
+
+class ContextOverflow(InvalidRequest):
+    """A sequence would run past the model's context length (the positions it was trained for)."""
+
+
+class DecoderStepFailed(RuntimeFailure):
+    """onnxruntime failed inside a decoder span's step; the message names the session."""
+
+
+class InvalidText(InvalidRequest):
+    """Text that is not valid Unicode (a lone surrogate), so it cannot be tokenised."""

@@ -3,7 +3,8 @@
 A package is ``{repo}/{name}/{version}/`` holding ``manifest.json`` + ``segment-{k}.onnx``, or a
 plain ``model.onnx`` (a package of one segment). A span (first..last segment) runs as a chain of
 sessions in one process: with spinning thread pools off, chaining costs nothing measurable
-(DESIGN.md, facts), and every segment keeps its own file so nodes can fetch and hash it alone.
+(docs/design.md, "Facts"), and every segment keeps its own file so nodes can fetch and hash it
+alone.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from typing import Any
 
 from runtime.batcher import BatchSettings, DynamicBatcher, Tensors
 from runtime.datatypes import V2_TO_TRITON_CONFIG
+from runtime.deadline import Deadline
 from runtime.errors import ModelLoadError, ModelNotFound, ModelNotReady, RuntimeFailure
 from runtime.package import PackageRef, SpanRunner, list_repository, load_span, open_package
 from runtime.session import SessionSettings
@@ -59,7 +60,7 @@ class LoadedModel:
         return self.runner.signature
 
     async def infer(
-        self, inputs: Tensors, outputs: list[str] | None, deadline: float | None
+        self, inputs: Tensors, outputs: list[str] | None, deadline: Deadline | None
     ) -> Tensors:
         return await self.batcher.infer(inputs, outputs, deadline)
 

@@ -113,14 +113,34 @@ class ModelSession:
         return self.session.run(outputs, feeds)
 
 
-def create_session(model: Path | bytes, settings: SessionSettings) -> ModelSession:
-    """Build a session; ``device = cuda`` that is not really obtained raises DeviceUnavailable."""
+def create_session(
+    model: Path | bytes,
+    settings: SessionSettings,
+    *,
+    save_optimized_to: Path | None = None,
+    external_data_name: str | None = None,
+) -> ModelSession:
+    """Build a session; ``device = cuda`` that is not really obtained raises DeviceUnavailable.
+
+    ``save_optimized_to``: also write the graph as optimised at ``settings.graph_optimization``
+    there (the exporter folds constants so), its weights in ``external_data_name`` beside it.
+    """
     providers = _providers_to_ask(settings)
     requested = [p[0] if isinstance(p, tuple) else p for p in providers]
     source = str(model) if isinstance(model, Path) else f"<{len(model)} bytes>"
+    options = session_options(settings)
+    if save_optimized_to is not None:
+        options.optimized_model_filepath = str(save_optimized_to)
+        if external_data_name:
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", external_data_name
+            )
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+            )
     try:
         model_arg = str(model) if isinstance(model, Path) else model
-        session = ort.InferenceSession(model_arg, session_options(settings), providers=providers)
+        session = ort.InferenceSession(model_arg, options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own untyped exceptions
         raise ModelLoadError(f"onnxruntime cannot load {source}: {exc}") from exc
     obtained = session.get_providers()

@@ -31,6 +31,8 @@ class ModelStats:
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
+    cache_hit: Duration = field(default_factory=Duration)  # answered from a result cache
+    cache_miss: Duration = field(default_factory=Duration)  # looked up, not found
     batch_sizes: dict[int, Duration] = field(default_factory=dict)
     ewma_latency_s: float = 0.0  # per request, queue included (what a caller would see)
 
@@ -46,6 +48,11 @@ class ModelStats:
         self.last_inference_ms = int(time.time() * 1000)
         self.batch_sizes.setdefault(rows, Duration()).add(compute_ns)
 
+    def record_execution(self, rows: int, compute_ns: int) -> None:
+        """One run for ``rows`` rows whose requests are counted apart (a coordinator's hop)."""
+        self.execution_count += 1
+        self.batch_sizes.setdefault(rows, Duration()).add(compute_ns)
+
     def as_dict(self, name: str, version: str) -> dict[str, Any]:
         return {
             "name": name,
@@ -58,6 +65,8 @@ class ModelStats:
                 "fail": self.fail.as_dict(),
                 "queue": self.queue.as_dict(),
                 "compute_infer": self.compute_infer.as_dict(),
+                "cache_hit": self.cache_hit.as_dict(),
+                "cache_miss": self.cache_miss.as_dict(),
             },
             "batch_stats": [
                 {"batch_size": size, "compute_infer": d.as_dict()}

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real node server on port 0 over a repository of tiny models."""
+"""Shared fixtures: real node servers and a real coordinator on port 0, in the test's process
+(as uvicorn's tests start a real server), over repositories of tiny models."""
 
 from __future__ import annotations
 
@@ -12,8 +13,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from appliance.config import NodeConfig
-from appliance.node_server import REGISTRY, build_node_app, start_app
+from appliance.config import CoordinatorConfig, NodeConfig
+from appliance.coordinator.app import build_coordinator_app
+from appliance.coordinator.keys import COORDINATOR
+from appliance.coordinator.service import Coordinator
+from appliance.http.server import start_app
+from appliance.node.keys import REGISTRY
+from appliance.node.membership import start_membership
+from appliance.node.server import build_node_app
 
 
 @dataclass
@@ -61,3 +68,86 @@ async def start_node() -> AsyncIterator[StartNode]:
     for node in started:
         await node.client.close()
         await node.runner.cleanup()
+
+
+@dataclass
+class RunningCoordinator:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+    client: aiohttp.ClientSession
+    nodes: list[RunningNode]
+
+    @property
+    def service(self) -> Coordinator:
+        return self.app[COORDINATOR]
+
+    async def wait_members(self, count: int, timeout_s: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while len(self.service.cluster.live(loop.time())) < count:
+            if loop.time() > end:
+                raise TimeoutError(f"only {len(self.service.cluster.members)} of {count} joined")
+            await asyncio.sleep(0.02)
+
+
+StartCoordinator = Callable[..., Coroutine[Any, Any, RunningCoordinator]]
+
+
+@pytest.fixture
+async def start_coordinator(tmp_path: Path) -> AsyncIterator[StartCoordinator]:
+    """A coordinator and ``nodes`` ring nodes joined to it, all in this test's loop on port 0
+    (the ring's real HTTP, signatures and hops; only the processes are shared)."""
+    started: list[RunningCoordinator] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start(
+        repo: Path,
+        nodes: int = 2,
+        node_settings: dict[str, Any] | None = None,
+        access_log: bool = False,
+        **settings: Any,
+    ) -> RunningCoordinator:
+        secret = "s" * 40
+        config = CoordinatorConfig(
+            model_repo=str(repo),
+            port=0,
+            state_dir=str(tmp_path / f"coordinator-{len(started)}"),
+            cluster_secrets=[secret],
+            **settings,
+        )
+        app = build_coordinator_app(config)
+        runner, port = await start_app(app, "127.0.0.1", 0, access_log)
+        url = f"http://127.0.0.1:{port}"
+        running = RunningCoordinator(url, app, runner, aiohttp.ClientSession(), [])
+        started.append(running)
+        for index in range(nodes):
+            node_config = NodeConfig(
+                model_repo=str(tmp_path / f"node-{len(started)}-{index}"),
+                port=0,
+                intra_op_threads=1,
+                join=url,
+                node_id=f"n{index}",
+                cluster_secrets=[secret],
+                heartbeat_interval_s=0.2,
+                **(node_settings or {}),
+            )
+            node_app = build_node_app(node_config)
+            node_runner, node_port = await start_app(node_app, "127.0.0.1", 0, access_log)
+            node_url = f"http://127.0.0.1:{node_port}"
+            tasks.append(start_membership(node_app, node_url))
+            running.nodes.append(
+                RunningNode(node_url, node_app, node_runner, aiohttp.ClientSession())
+            )
+        await running.wait_members(nodes)
+        return running
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    for running in started:
+        for node in running.nodes:
+            await node.client.close()
+            await node.runner.cleanup()
+        await running.client.close()
+        await running.runner.cleanup()

@@ -107,3 +107,36 @@ def put_model(repo: Path, name: str, model: onnx.ModelProto, version: int = 1) -
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(folder / "model.onnx"))
     return folder
+
+
+def dense_segments(
+    features: int = 4, hidden: int = 6, units: int = 3, seed: int = 0
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Two segments of one model: x [batch, features] -> h = relu(x @ A) -> y = h @ B."""
+    rng = np.random.default_rng(seed)
+    a = numpy_helper.from_array(rng.normal(size=(features, hidden)).astype(np.float32), "A")
+    b = numpy_helper.from_array(rng.normal(size=(hidden, units)).astype(np.float32), "B")
+    first = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "A"], ["xa"]), helper.make_node("Relu", ["xa"], ["h"])],
+        "first",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", hidden])],
+        [a],
+    )
+    second = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "B"], ["y"])],
+        "second",
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", units])],
+        [b],
+    )
+    return _model(first), _model(second)
+
+
+def dense_reference(x: np.ndarray, features: int = 4, hidden: int = 6, units: int = 3,
+                    seed: int = 0) -> np.ndarray:  # fmt: skip
+    """What the two ``dense_segments`` compute together, in numpy."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(features, hidden)).astype(np.float32)
+    b = rng.normal(size=(hidden, units)).astype(np.float32)
+    return np.maximum(x @ a, 0) @ b

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.faults.common import DOCS, FaultRecord
-from bench.faults.inputs import BODY_LIMIT, MAX_ELEMENTS, bad_input_flood
-from bench.faults.ring import (
+from bench.report import save_report
+from tests.support.faults.common import DOCS, FaultRecord
+from tests.support.faults.inputs import BODY_LIMIT, MAX_ELEMENTS, bad_input_flood
+from tests.support.faults.ring import (
     coordinator_kill_with_jobs,
     internal_calls_unsigned_or_replayed,
     node_hang,
@@ -27,14 +28,13 @@ from bench.faults.ring import (
     node_other_version_never_routed,
     node_restarted_with_other_version,
 )
-from bench.faults.storage import (
+from tests.support.faults.storage import (
     cache_dir_removed,
     cache_map_full,
     export_disk_full,
     export_disk_full_tmpfs,
     segment_sha256_mismatch,
 )
-from bench.report import save_report
 
 SCENARIOS: dict[str, Callable[[Path, float], list[FaultRecord]]] = {
     "node_kill": lambda w, s: [node_kill(w, int(10_000 * s), 32)],

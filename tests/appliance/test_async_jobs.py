@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.async_jobs import JobRunner
+from appliance.coordinator.async_jobs import JobRunner
 from cache.errors import JobNotFound
 from cache.job import Job
 from cache.job_store import JobStore

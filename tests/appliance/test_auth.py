@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.async_jobs import JobRunner
-from appliance.auth import OPEN, authenticate, parse_tokens, required_role
+from appliance.coordinator.async_jobs import JobRunner
 from appliance.errors import ConfigError
+from appliance.security.auth import OPEN, authenticate, parse_tokens, required_role
 from cache.errors import JobNotFound
 from cache.job import Job
 from cache.job_store import JobStore

@@ -33,7 +33,7 @@ async def node(start_node: StartNode, repo: Path) -> RunningNode:
 
 async def expect_error(
     node: RunningNode, status: int, fragment: str, body: bytes, model: str = "dense", **headers: str
-) -> dict:  # type: ignore[type-arg]
+) -> dict:
     url = f"{node.url}/v2/models/{model}/infer"
     async with node.client.post(url, data=body, headers=headers) as response:
         raw = await response.read()

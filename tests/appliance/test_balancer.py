@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from appliance.balancer import (
+from appliance.ring.balancer import (
     ReplicaStats,
     default_latency,
     order_for_failover,
@@ -69,7 +69,7 @@ def test_exclude_is_honoured() -> None:
     rng = random.Random(1)
     for _ in range(200):
         chosen = pick(replicas, rng, exclude={"a"})
-        assert chosen is not None and chosen.node_id != "a"
+        assert chosen is not None and chosen.key != "a"
     assert pick(replicas, rng, exclude={"a", "b"}) is replicas[2]
     assert pick(replicas, rng, exclude={"a", "b", "c"}) is None
     assert pick([], rng) is None
@@ -123,7 +123,7 @@ def test_failover_order_is_the_pick_then_the_rest_by_score() -> None:
     for seed in range(20):
         order = order_for_failover(replicas, random.Random(seed), exclude={"d"})
         assert order[0] is pick(replicas, random.Random(seed), exclude={"d"})
-        assert sorted(s.node_id for s in order) == ["a", "b", "c"]
+        assert sorted(s.key for s in order) == ["a", "b", "c"]
         rest = [s.ewma_latency_s for s in order[1:]]
         assert rest == sorted(rest)
     assert order_for_failover(replicas, random.Random(0), exclude="abcd") == []

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.cluster import Cluster, HeldSpan
+from appliance.coordinator.cluster import Cluster, HeldSpan
+from appliance.coordinator.placement import Placement, SpanAssignment
 from appliance.errors import BadRequest, MemberConflict, NoLiveReplica, NotMember
-from appliance.placement import Placement, SpanAssignment
 
 
 def node(
     node_id: str, spans: list[tuple[int, int]], digest: str = "d1", incarnation: str = "i1"
-) -> dict:  # type: ignore[type-arg]
+) -> dict:
     return {
         "node_id": node_id,
         "incarnation": incarnation,

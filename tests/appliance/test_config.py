@@ -11,7 +11,7 @@ from appliance.config import NodeConfig, add_config_flags, load_config
 from appliance.errors import ConfigError
 
 
-def parse(argv: list[str]) -> dict:  # type: ignore[type-arg]
+def parse(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser()
     add_config_flags(parser, NodeConfig, {})
     return vars(parser.parse_args(argv))

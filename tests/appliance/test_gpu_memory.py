@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from appliance.gpu_memory import GpuMemory, gpu_memory, parse_smi_csv
-from appliance.metrics import gpu_memory_metrics
+from appliance.node.gpu_memory import GpuMemory, gpu_memory, parse_smi_csv
+from appliance.node.metrics import gpu_memory_metrics
 
 SMI = "0, NVIDIA H200, 1234, 143771\n1, NVIDIA H200, 0, 143771\nbad line\n"
 
@@ -24,7 +24,7 @@ def test_nvidia_smi_output_is_read_in_bytes() -> None:
 
 def _scrape(gpus: list[GpuMemory]) -> dict[tuple[str, str], float]:
     class Gpus(Collector):
-        def collect(self):  # type: ignore[no-untyped-def]
+        def collect(self):
             yield from gpu_memory_metrics(gpus)
 
     registry = CollectorRegistry()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
 
+from appliance.coordinator.hop_batcher import HopBatcher
 from appliance.errors import NoLiveReplica, UpstreamError
-from appliance.hop_batcher import HopBatcher
+from runtime.deadline import Deadline
 from runtime.errors import DeadlineExceeded, Overloaded
 
 Tensors = dict[str, np.ndarray]
@@ -20,12 +20,12 @@ class Ring:
 
     def __init__(self, bad_value: float | None = None, error: Exception | None = None) -> None:
         self.calls: list[tuple[int, str]] = []
-        self.deadlines: list[float] = []
+        self.deadlines: list[Deadline] = []
         self.release = asyncio.Event()
         self.bad_value = bad_value
         self.error = error
 
-    async def send(self, inputs: Tensors, request_id: str, deadline: float) -> Tensors:
+    async def send(self, inputs: Tensors, request_id: str, deadline: Deadline) -> Tensors:
         self.deadlines.append(deadline)
         x = inputs["x"]
         self.calls.append((x.shape[0], request_id))
@@ -37,8 +37,8 @@ class Ring:
         return {"y": x * 2, "n": np.full((x.shape[0],), x.shape[0])}
 
 
-def later(seconds: float = 30.0) -> float:
-    return time.monotonic() + seconds
+def later(seconds: float = 30.0) -> Deadline:
+    return Deadline.after(seconds)
 
 
 def row(value: float, width: int = 3) -> Tensors:
@@ -168,5 +168,5 @@ async def test_a_request_queued_past_its_deadline_fails_and_a_batch_keeps_the_ea
         await expiring
     await asyncio.gather(*kept)
     assert [rows for rows, _ in ring.calls] == [1, 2]
-    assert ring.deadlines[1] == pytest.approx(min(ring.deadlines[1:]))  # the earlier of the two
-    assert ring.deadlines[1] < time.monotonic() + 10.5
+    assert ring.deadlines[1] == min(ring.deadlines[1:])  # the earlier of the two
+    assert ring.deadlines[1].remaining() < 10.5

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -11,9 +10,10 @@ import pytest
 from aiohttp import web
 
 from appliance.errors import NoLiveReplica
-from appliance.hop_client import HopClient, HopSettings
-from appliance.hop_transport import HopPost, HopTransport, aiohttp_post
-from appliance.ring_protocol import RouteStep
+from appliance.ring.hop_client import HopClient, HopSettings
+from appliance.ring.hop_transport import HopPost, HopTransport, aiohttp_post
+from appliance.ring.protocol import PeerUrl, RouteStep
+from runtime.deadline import Deadline
 
 
 async def serve(delay_s: float, status: int = 200) -> tuple[web.AppRunner, str]:
@@ -59,8 +59,8 @@ async def replicas() -> AsyncIterator[Callable[..., asyncio.Future[str]]]:
 
 
 async def call(client: HopClient, urls: list[str], deadline_s: float) -> bytes:
-    route = [RouteStep(0, 1, tuple(urls))]
-    body, _ = await client.call(route, "m", "d", "r1", time.time() + deadline_s, b"x", None)
+    route = [RouteStep(0, 1, tuple(PeerUrl(u) for u in urls))]
+    body, _ = await client.call(route, "m", "d", "r1", Deadline.after(deadline_s), b"x", None)
     return body
 
 

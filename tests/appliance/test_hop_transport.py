@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from appliance.hop_transport import HopTransport, HopTransportError
+from appliance.ring.hop_transport import HopTransport, HopTransportError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -35,7 +35,7 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[str]]]:
         await runner.cleanup()
 
 
-async def test_hops_reuse_one_connection_and_carry_headers_and_body(serve) -> None:  # type: ignore[no-untyped-def]
+async def test_hops_reuse_one_connection_and_carry_headers_and_body(serve) -> None:
     peers: set[object] = set()
 
     async def echo(request: web.Request) -> web.Response:
@@ -52,7 +52,7 @@ async def test_hops_reuse_one_connection_and_carry_headers_and_body(serve) -> No
     await transport.close()
 
 
-async def test_a_kept_connection_the_peer_closed_is_replaced_without_an_error(serve) -> None:  # type: ignore[no-untyped-def]
+async def test_a_kept_connection_the_peer_closed_is_replaced_without_an_error(serve) -> None:
     async def ok(request: web.Request) -> web.Response:
         return web.Response(body=await request.read())
 
@@ -64,7 +64,7 @@ async def test_a_kept_connection_the_peer_closed_is_replaced_without_an_error(se
     await transport.close()
 
 
-async def test_a_chunked_answer_is_read_whole(serve) -> None:  # type: ignore[no-untyped-def]
+async def test_a_chunked_answer_is_read_whole(serve) -> None:
     async def chunks(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
         response.enable_chunked_encoding()
@@ -81,7 +81,7 @@ async def test_a_chunked_answer_is_read_whole(serve) -> None:  # type: ignore[no
     await transport.close()
 
 
-async def test_refused_cut_off_and_slow_peers_raise_for_failover(serve) -> None:  # type: ignore[no-untyped-def]
+async def test_refused_cut_off_and_slow_peers_raise_for_failover(serve) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]

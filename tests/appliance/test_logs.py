@@ -10,8 +10,9 @@ import aiohttp
 import pytest
 
 from appliance.config import NodeConfig
-from appliance.logs import _JsonFormatter, _RequestIdFilter
-from appliance.node_server import build_node_app, start_app
+from appliance.http.logs import _JsonFormatter, _RequestIdFilter
+from appliance.http.server import start_app
+from appliance.node.server import build_node_app
 from tests.models import dense_model, put_model
 
 

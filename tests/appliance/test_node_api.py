@@ -12,7 +12,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.node_server import worth_compressing
+from appliance.http.v2 import worth_compressing
 from runtime.codec import decode_response, encode_request
 from runtime.datatypes import V2_TO_NUMPY
 from tests.conftest import RunningNode, StartNode
@@ -49,7 +49,7 @@ def sample(datatype: str, rows: int, rng: np.random.Generator) -> np.ndarray:
 
 async def post_infer(
     node: RunningNode, model: str, body: bytes, header_length: int | None, **headers: str
-):  # type: ignore[no-untyped-def]
+):
     if header_length is not None:
         headers[HEADER] = str(header_length)
     return await node.client.post(f"{node.url}/v2/models/{model}/infer", data=body, headers=headers)
@@ -57,14 +57,14 @@ async def post_infer(
 
 async def infer_ok(
     node: RunningNode, model: str, body: bytes, header_length: int | None, **headers: str
-):  # type: ignore[no-untyped-def]
+):
     async with await post_infer(node, model, body, header_length, **headers) as response:
         raw = await response.read()
         assert response.status == 200, raw
         return decode_response(raw, _header(response))
 
 
-def _header(response) -> int | None:  # type: ignore[no-untyped-def]
+def _header(response) -> int | None:
     value = response.headers.get(HEADER)
     return int(value) if value is not None else None
 

@@ -7,14 +7,14 @@ from pathlib import Path
 import yaml
 
 from appliance.config import CoordinatorConfig
-from appliance.coordinator_server import build_coordinator_app
-from appliance.openapi import openapi_yaml
+from appliance.coordinator.app import build_coordinator_app
+from appliance.http.openapi import openapi_yaml
 
 
 def test_the_document_is_generated_and_covers_every_public_route(tmp_path: Path) -> None:
     doc = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
     assert doc.read_text() == openapi_yaml(), (
-        "regenerate: .venv/bin/python -m appliance.openapi > docs/openapi.yaml"
+        "regenerate: .venv/bin/python -m appliance.http.openapi > docs/openapi.yaml"
     )
     paths = yaml.safe_load(doc.read_text())["paths"]
     app = build_coordinator_app(CoordinatorConfig(model_repo=str(tmp_path)))

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.placement import (
+from appliance.coordinator.placement import (
     NodeCapacity,
     Placement,
     PlacementError,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.errors import BadRequest, ConfigError
-from appliance.request_policy import (
+from appliance.coordinator.request_policy import (
     ModelCachePolicy,
     model_cache_policies,
     parse_cache_control,
     wants_async,
 )
+from appliance.errors import BadRequest, ConfigError
 
 
 def test_cache_control() -> None:

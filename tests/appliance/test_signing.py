@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ConfigError, Unauthorized
-from appliance.signing import HEADER_SIGNATURE, Signer, Verifier, parse_secrets
+from appliance.security.signing import HEADER_SIGNATURE, Signer, Verifier, parse_secrets
 
 OLD, NEW = b"o" * 32, b"n" * 32
 BODY = b'{"node_id": "a", "incarnation": "x"}'

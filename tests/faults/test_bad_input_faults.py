@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.faults.inputs import bad_input_flood, bad_inputs
+from tests.support.faults.inputs import bad_input_flood, bad_inputs
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.faults.common import FaultRecord
-from bench.faults.ring import (
+from tests.support.faults.common import FaultRecord
+from tests.support.faults.ring import (
     coordinator_kill_with_jobs,
     internal_calls_unsigned_or_replayed,
     node_hang,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.faults.storage import (
+from tests.support.faults.storage import (
     cache_dir_removed,
     cache_map_full,
     export_disk_full,

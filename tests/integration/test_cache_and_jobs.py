@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.faults.common import make_repo, metric_sum, reference
-from bench.harness import Ring, http
 from runtime.codec import decode_response, encode_request
+from tests.support.faults.common import make_repo, metric_sum, reference
+from tests.support.harness import Ring, http
 
 pytestmark = pytest.mark.slow
 HEADER = "Inference-Header-Content-Length"

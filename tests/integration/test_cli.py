@@ -88,6 +88,10 @@ def test_serve_builds_and_serves_the_demo_model(tmp_path: Path) -> None:
         assert hidden.shape == (1, 16, 384) and np.isfinite(hidden).all()
     finally:
         assert stop(process) == 0
+    # the nodes stop first and say goodbye to a coordinator still listening
+    log = process.stderr.read() if process.stderr is not None else ""
+    assert "could not tell the coordinator" not in log, log[-3000:]
+    assert "node local-0 left" in log and "node local-1 left" in log, log[-3000:]
 
 
 def test_bad_config_exits_2_with_the_reason(tmp_path: Path) -> None:

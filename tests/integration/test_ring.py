@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.faults.common import SMALL, make_repo, metric_sum, reference
-from bench.harness import Ring, http
+from tests.support.faults.common import SMALL, make_repo, metric_sum, reference
+from tests.support.harness import Ring, http
 
 # make_repo, metric_sum, reference and SMALL stay importable from here for the other ring tests
 __all__ = ["SMALL", "make_repo", "metric_sum", "reference"]

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.signing import HEADER_SIGNATURE, Signer
-from bench.harness import Ring
+from appliance.security.signing import HEADER_SIGNATURE, Signer
 from tests.integration.test_ring import make_repo, reference
+from tests.support.harness import Ring
 
 pytestmark = pytest.mark.slow
 

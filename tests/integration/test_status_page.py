@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import Ring
 from tests.integration.test_ring import make_repo
+from tests.support.harness import Ring
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -138,3 +139,54 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
         thread.join(timeout=60)
     assert process.wait(timeout=60) == 0
     assert statuses == [200] * 8
+
+
+def _notifications(listener: socket.socket, until: str, timeout_s: float = 60) -> list[str]:
+    """sd_notify messages received until one equals ``until`` (every message kept)."""
+    messages: list[str] = []
+    end = time.monotonic() + timeout_s
+    while until not in messages:
+        listener.settimeout(max(0.1, end - time.monotonic()))
+        try:
+            messages.append(listener.recv(4096).decode())
+        except TimeoutError:
+            raise AssertionError(f"no {until} in {timeout_s}s; got {messages}") from None
+    return messages
+
+
+def test_a_ring_node_is_ready_once_the_spans_placed_on_it_are_warm(tmp_path: Path) -> None:
+    from exporter.package_writer import write_package
+    from tests.models import dense_segments
+    from tests.support.harness import Ring, http
+
+    repo = tmp_path / "repo"
+    write_package(repo, "dense2", 1, list(dense_segments()), source="test")
+    ring = Ring(tmp_path / "ring", repo)
+    short = Path(tempfile.mkdtemp(prefix="sdn-"))  # AF_UNIX paths are limited to 108 bytes
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(short / "notify"))
+    env = {"NOTIFY_SOCKET": str(short / "notify")}
+    try:
+        ring.start_coordinator()
+        ring.start_node("a", env=env)
+        first = _notifications(listener, "READY=1")  # nothing placed on it: ready once joined
+        assert first[0].startswith("STATUS=joining")
+        assert any(m.startswith("STATUS=joined") for m in first), first
+        ring.load("dense2", 1, 1)
+        ring.kill("a")
+        ring.nodes["a"].wait(timeout=10)
+        ring.start_node("a", env=env)  # a new incarnation: the pinned placement still holds a
+        messages = _notifications(listener, "READY=1")
+        loading = [m for m in messages if m.startswith("STATUS=") and "loading dense2 0-1" in m]
+        assert loading, messages
+        assert messages.index(loading[0]) < messages.index("READY=1")
+        status, view = http("GET", ring.url + "/v2/cluster")
+        held = [s for n in view["nodes"] if n["node_id"] == "a" for s in n["spans"]]
+        assert status == 200 and [(s["model"], s["first"], s["last"]) for s in held] == [
+            ("dense2", 0, 1)
+        ]
+        assert any(m.startswith("STATUS=") and "holding dense2 0-1" in m for m in messages)
+    finally:
+        ring.stop()
+        listener.close()
+        shutil.rmtree(short, ignore_errors=True)

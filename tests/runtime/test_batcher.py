@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from runtime.batcher import BatchSettings, DynamicBatcher, batch_key, select_batch, split_rows
+from runtime.deadline import Deadline
 from runtime.errors import DeadlineExceeded, InvalidRequest, Overloaded, RuntimeFailure
 from runtime.package import load_span, open_package
 from runtime.session import SessionSettings
@@ -18,7 +19,7 @@ from tests.models import dense_model, fixed_batch_model, put_model, sequence_mod
 CPU = SessionSettings(device="cpu", intra_op_threads=1)
 
 
-def runner_for(tmp_path: Path, model, name: str = "m"):  # type: ignore[no-untyped-def]
+def runner_for(tmp_path: Path, model, name: str = "m"):
     put_model(tmp_path, name, model)
     return load_span(open_package(tmp_path, name), CPU)
 
@@ -144,7 +145,7 @@ async def test_expired_and_cancelled_requests_never_take_a_place_in_a_run(
 ) -> None:
     runner = runner_for(tmp_path, dense_model())
 
-    def slow_run(feeds, outputs):  # type: ignore[no-untyped-def]
+    def slow_run(feeds, outputs):
         time.sleep(0.3)  # holds the session while the others queue
         return runner.run(feeds, outputs)
 
@@ -154,7 +155,7 @@ async def test_expired_and_cancelled_requests_never_take_a_place_in_a_run(
         first = asyncio.create_task(batcher.infer({"x": x}))
         await asyncio.sleep(0.05)  # the first one is running now
         cancelled = asyncio.create_task(batcher.infer({"x": x}))
-        expiring = asyncio.create_task(batcher.infer({"x": x}, deadline=time.monotonic() + 0.1))
+        expiring = asyncio.create_task(batcher.infer({"x": x}, deadline=Deadline.after(0.1)))
         await asyncio.sleep(0.05)
         cancelled.cancel()
         assert (await first)["y"].shape == (1, 3)

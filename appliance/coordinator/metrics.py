@@ -1,0 +1,53 @@
+"""The coordinator's Prometheus metrics, in a registry of its own (tests run several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from appliance.http.request_metrics import LATENCY_BUCKETS, RequestMetrics
+
+
+class CoordinatorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = RequestMetrics(r, "coordinator")
+        self.hop_attempts = Counter(
+            "appliance_hop_attempts", "calls to a first-span node", ["node"], registry=r
+        )
+        self.retries = Counter(
+            "appliance_hop_retries", "hops retried on another replica", ["node"], registry=r
+        )
+        self.ejections = Counter(
+            "appliance_ejections", "replicas ejected after a failure", ["node"], registry=r
+        )
+        self.members = Gauge(
+            "appliance_ring_members", "ring members by health", ["health"], registry=r
+        )
+        self.cache = Counter(
+            "appliance_cache_requests",
+            "requests by cache outcome (hit, miss, bypass)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.jobs = Gauge("appliance_jobs", "async jobs by status", ["status"], registry=r)
+        self.cache_state = Gauge(
+            "appliance_cache",
+            "result cache: entries, bytes, hits, misses, evictions, degraded",
+            ["what"],
+            registry=r,
+        )
+        self.hop_rows = Histogram(
+            "appliance_hop_rows",
+            "rows per hop into the ring (more than one: requests batched together)",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.hop_latency = Histogram(
+            "appliance_hop_seconds",
+            "first hop to its answer (the rest of the chain included)",
+            ["node"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )

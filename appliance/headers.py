@@ -1,0 +1,14 @@
+"""The names of the appliance's own HTTP headers: shared vocabulary of the ring's protocol
+(``appliance.ring.protocol``) and of what its signatures cover (``appliance.security.signing``)."""
+
+from __future__ import annotations
+
+MODEL = "X-Appliance-Model"
+DIGEST = "X-Appliance-Digest"
+SPAN = "X-Appliance-Span"  # "first-last" segments the receiver must run
+REQUEST_ID = "X-Request-Id"
+DEADLINE = "X-Appliance-Deadline"  # absolute, seconds since the epoch
+ROUTE = "X-Appliance-Route"
+SEQUENCE_ID = "X-Appliance-Sequence-Id"  # generation: the sequence whose KV a step extends
+# what a signature covers besides method, path and body: everything that routes a hop
+SIGNED_HEADERS = (MODEL, DIGEST, SPAN, DEADLINE, ROUTE, REQUEST_ID)

@@ -1,0 +1,74 @@
+"""A hop on a node: run the span the hop names, then pass the outputs straight to a replica of
+the next span (nested), and hand the final answer back upstream."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from appliance.errors import DigestMismatch
+from appliance.http.body import read_body
+from appliance.node.keys import CONFIG, HOPS, REGISTRY
+from appliance.ring import protocol as rp
+from runtime.codec import (
+    decode_checked_request,
+    encode_request,
+    encode_response,
+    parse_header_length,
+)
+from runtime.errors import DeadlineExceeded, ModelNotFound
+from runtime.registry import LoadedModel, ModelRegistry
+
+
+def held_span(
+    registry: ModelRegistry, model: str, digest: str, first: int, last: int
+) -> LoadedModel:
+    """The span the hop asks for, with exactly those bytes; DigestMismatch (409) otherwise,
+    which tells the sender to try another replica."""
+    try:
+        loaded = registry.get(rp.slot_name(model, first, last))
+    except ModelNotFound:
+        raise DigestMismatch(
+            f"this node holds no span {first}-{last} of {model}; the route is stale"
+        ) from None
+    if loaded.digest != digest:
+        raise DigestMismatch(
+            f"this node holds {model} segments {first}-{last} with digest {loaded.digest}, "
+            f"the hop asked for {digest}"
+        )
+    return loaded
+
+
+async def hop(request: web.Request) -> web.Response:
+    state = request.config_dict
+    model = request.headers.get(rp.MODEL, "")
+    digest = request.headers.get(rp.DIGEST, "")
+    first, last = rp.parse_span(request.headers.get(rp.SPAN))
+    deadline = rp.parse_deadline(request.headers.get(rp.DEADLINE))
+    route = rp.decode_route(request.headers.get(rp.ROUTE))
+    request_id = request.headers.get(rp.REQUEST_ID, "-")
+    loaded = held_span(state[REGISTRY], model, digest, first, last)
+    if deadline.expired():
+        raise DeadlineExceeded(f"request {request_id}: deadline passed before span {first}-{last}")
+    config = state[CONFIG]
+    body = await read_body(request, config.max_body_bytes)
+    decoded = decode_checked_request(
+        body,
+        parse_header_length(request.headers.get(rp.HEADER_LENGTH), len(body)),
+        loaded.signature,
+        config.max_tensor_elements,
+    )
+    outputs = await loaded.infer(decoded.inputs, None, deadline)
+    if route:
+        payload, length = encode_request(outputs)
+        answer, answer_length = await state[HOPS].call(
+            route, model, digest, request_id, deadline, payload, length
+        )
+    else:
+        names = loaded.signature.output_names()
+        answer, answer_length = encode_response(
+            model, loaded.version, request_id, [(n, outputs[n]) for n in names], [True] * len(names)
+        )
+    response = web.Response(body=answer, content_type="application/octet-stream")
+    if answer_length is not None:
+        response.headers[rp.HEADER_LENGTH] = str(answer_length)
+    return response

@@ -1,0 +1,260 @@
+"""The node's HTTP server: the KServe v2 / Open Inference Protocol over the models it holds,
+and the ring's internal routes (hops, span loads) when it is a ring member.
+
+Handlers parse, call the runtime, and serialise; errors are typed and mapped in http/errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from appliance.config import NodeConfig
+from appliance.http.app import new_app
+from appliance.http.body import read_body
+from appliance.http.v2 import (
+    HEADER_LENGTH,
+    binary_or_json,
+    deadline_from,
+    health_live,
+    json_response,
+    model_ref,
+    not_ready,
+    read_json_object,
+    server_metadata,
+    should_compress,
+)
+from appliance.node.hops import hop
+from appliance.node.keys import CLIENTS, CONFIG, HOPS, IDENTITY, LOADER, METRICS, REGISTRY
+from appliance.node.membership import identity, node_identity
+from appliance.node.metrics import Metrics
+from appliance.node.spans import load_span, unload_span
+from appliance.ring.clients import internal_clients
+from appliance.ring.hop_client import HopClient, HopSettings
+from appliance.sd_notify import notify
+from runtime.codec import decode_checked_request, encode_response, parse_header_length
+from runtime.errors import ModelNotFound, RuntimeFailure
+from runtime.package import list_repository
+from runtime.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+# --- health and models ---------------------------------------------------------------------
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    registry = request.config_dict[REGISTRY]
+    if registry.all_ready():
+        return json_response({"ready": True})
+    waiting = [row for row in registry.index() if row["state"] != "READY"]
+    return not_ready(", ".join(f"{r['name']} {r['state']}" for r in waiting) or "no model loaded")
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    name, version = model_ref(request)
+    return json_response(request.config_dict[REGISTRY].get(name, version).metadata())
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    name, version = model_ref(request)
+    model = request.config_dict[REGISTRY].get(name, version)  # 404 unknown, 503 while loading
+    return json_response({"name": model.name, "version": model.version, "ready": True})
+
+
+async def model_config(request: web.Request) -> web.Response:
+    name, version = model_ref(request)
+    return json_response(request.config_dict[REGISTRY].get(name, version).config())
+
+
+async def model_stats(request: web.Request) -> web.Response:
+    registry = request.config_dict[REGISTRY]
+    if "model" in request.match_info:
+        name, version = model_ref(request)
+        models = [registry.get(name, version)]
+    else:
+        models = registry.loaded()
+    return json_response({"model_stats": [m.stats.as_dict(m.name, m.version) for m in models]})
+
+
+async def infer(request: web.Request) -> web.Response:
+    name, _ = model_ref(request)
+    return await request.config_dict[METRICS].requests.observe(name, lambda: _infer(request))
+
+
+async def _infer(request: web.Request) -> web.Response:
+    state = request.config_dict
+    config = state[CONFIG]
+    name, version = model_ref(request)
+    model = state[REGISTRY].get(name, version)
+    body = await read_body(request, config.max_body_bytes)
+    header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
+    decoded = decode_checked_request(
+        body, header_length, model.signature, config.max_tensor_elements
+    )
+    wanted = [o.name for o in decoded.outputs] if decoded.outputs else None
+    try:
+        outputs = await model.infer(decoded.inputs, wanted, deadline_from(decoded.parameters))
+    except RuntimeFailure as exc:
+        log.info("request %s to %s failed: %s", decoded.id or "-", name, exc)
+        raise
+    names = wanted or model.signature.output_names()
+    payload, response_header_length = encode_response(
+        model.name,
+        model.version,
+        decoded.id,
+        [(n, outputs[n]) for n in names],
+        [decoded.wants_binary(n) for n in names],
+    )
+    response = binary_or_json(payload, response_header_length)
+    if should_compress(config.compress_responses, request, response_header_length, payload):
+        response.enable_compression()
+    return response
+
+
+# --- repository ----------------------------------------------------------------------------
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    options = await read_json_object(request, optional=True)
+    rows = request.config_dict[REGISTRY].index()
+    if options.get("ready") is True:
+        rows = [row for row in rows if row["state"] == "READY"]
+    return json_response(rows)
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    await read_json_object(request, optional=True)
+    name = request.match_info["model"]
+    registry = request.config_dict[REGISTRY]
+    if name not in list_repository(registry.repo):
+        raise ModelNotFound(
+            f"no model {name!r} in repository {registry.repo}; it holds "
+            f"{', '.join(list_repository(registry.repo)) or 'nothing'}"
+        )
+    await registry.load(name)
+    return web.Response(status=200)
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    await read_json_object(request, optional=True)
+    await request.config_dict[REGISTRY].unload(request.match_info["model"])
+    return web.Response(status=200)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.config_dict[METRICS].render(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
+
+
+# --- app -----------------------------------------------------------------------------------
+
+
+def _model_routes(prefix: str) -> list[web.RouteDef]:
+    return [
+        web.get(prefix, model_metadata),
+        web.get(prefix + "/ready", model_ready),
+        web.get(prefix + "/config", model_config),
+        web.get(prefix + "/stats", model_stats),
+        web.post(prefix + "/infer", infer),
+    ]
+
+
+INTERNAL_ROUTES = [
+    web.post("/hop", hop),
+    web.post("/load", load_span),
+    web.post("/unload", unload_span),
+    web.get("/identity", identity),
+]
+
+
+def _loading_progress(message: str) -> None:
+    """Loading a large span takes a while: say where it is, to systemd and on a terminal."""
+    notify(f"STATUS={message}")
+    if sys.stderr.isatty():
+        print(f"\r{message:<100}", end="", file=sys.stderr, flush=True)
+    log.debug("%s", message)
+
+
+async def _load_models(app: web.Application) -> None:
+    """Load and warm the local models after the socket is open (live, not yet ready): a
+    standalone node its repository's (or ``models``), then READY=1; a ring node only the
+    ``models`` named, and it says READY once it holds what the coordinator placed on it
+    (appliance.node.membership)."""
+    config, registry = app[CONFIG], app[REGISTRY]
+    names = config.models or ([] if config.join else sorted(list_repository(registry.repo)))
+    if not names and not config.join:
+        log.warning("model repository %s holds no model", registry.repo)
+    for index, name in enumerate(names, 1):
+        notify(f"STATUS=loading and warming {name} ({index}/{len(names)})")
+        try:
+            await registry.load(name)
+        except RuntimeFailure as exc:
+            log.error("model %s not loaded: %s", name, exc)
+    if config.join:
+        return
+    ready = [m.name for m in registry.loaded()]
+    notify(f"STATUS=serving {', '.join(ready) or 'nothing yet'}")
+    notify("READY=1")  # only now: loaded and warmed
+
+
+async def _local_models(app: web.Application) -> AsyncIterator[None]:
+    app[LOADER] = asyncio.get_running_loop().create_task(_load_models(app))
+    yield
+    if not app[LOADER].done():
+        app[LOADER].cancel()
+
+
+async def _ring_clients(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    app[CLIENTS] = internal_clients(config, app[IDENTITY]["node_id"])
+    app[HOPS] = HopClient(app[CLIENTS].hop, HopSettings(min_attempt_s=config.min_attempt_s))
+    yield
+    await app[CLIENTS].close()
+
+
+async def _registry(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[REGISTRY].close()  # in-flight batches drain (bounded by drain_timeout_s)
+
+
+def build_node_app(config: NodeConfig) -> web.Application:
+    registry = ModelRegistry(
+        Path(config.model_repo),
+        config.session_settings(),
+        config.batch_settings(),
+        config.warmup_settings(),
+        config.drain_timeout_s,
+    )
+    app = new_app(config, INTERNAL_ROUTES)
+    app[CONFIG] = config
+    app[REGISTRY] = registry
+    app[METRICS] = Metrics(registry.loaded)
+    app[IDENTITY] = node_identity(config)
+    registry.observe = app[METRICS].observe_batch
+    registry.progress = _loading_progress
+    app.add_routes(
+        [
+            web.get("/v2", server_metadata),
+            web.get("/v2/health/live", health_live),
+            web.get("/v2/health/ready", health_ready),
+            web.get("/v2/models/stats", model_stats),
+            *_model_routes("/v2/models/{model}"),
+            *_model_routes("/v2/models/{model}/versions/{version}"),
+            web.post("/v2/repository/index", repository_index),
+            web.post("/v2/repository/models/{model}/load", repository_load),
+            web.post("/v2/repository/models/{model}/unload", repository_unload),
+            web.get("/metrics", metrics_endpoint),
+        ]
+    )
+    app.cleanup_ctx.append(_registry)
+    app.cleanup_ctx.append(_ring_clients)
+    app.cleanup_ctx.append(_local_models)
+    return app

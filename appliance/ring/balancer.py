@@ -1,0 +1,93 @@
+"""Replica choice: power of two choices weighted by EWMA latency (as linkerd and petals do).
+
+Pure functions over plain data. The caller keeps one `ReplicaStats` per replica, bumps
+`outstanding` around each call, feeds `record_latency` with what it measured, and asks `pick`
+(or `order_for_failover`, for the order to try replicas in when a hop fails). Sampling two at
+random rather than taking the global best keeps a burst from piling onto one replica whose
+figures are stale; weighting by latency sends little traffic to a slow one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+DEFAULT_ALPHA = 0.3
+# The latency assumed when no replica has a sample yet: any positive value works, since then
+# every replica scores by its outstanding count alone.
+_NO_SAMPLES_LATENCY_S = 1.0
+
+
+@dataclass
+class ReplicaStats:
+    """One replica's load figures, mutable and owned by the caller."""
+
+    key: str  # what names the replica to its caller (the hop client: its URL)
+    outstanding: int = 0
+    ewma_latency_s: float = 0.0  # meaningless while samples == 0
+    samples: int = 0
+
+
+def record_latency(stats: ReplicaStats, seconds: float, alpha: float = DEFAULT_ALPHA) -> None:
+    """Fold one measured latency into the replica's EWMA (the first sample is taken as is)."""
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"latency {seconds!r}: a finite number of seconds >= 0")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha {alpha!r}: the EWMA weight of a new sample, in (0, 1]")
+    if stats.samples == 0:
+        stats.ewma_latency_s = seconds
+    else:
+        stats.ewma_latency_s += alpha * (seconds - stats.ewma_latency_s)
+    stats.samples += 1
+
+
+def score(stats: ReplicaStats, default_latency_s: float) -> float:
+    """Expected wait on this replica: (outstanding + 1) x latency; lower is better.
+
+    A replica without samples gets `default_latency_s` (typically the median of the known ones)
+    so that it is neither shunned nor flooded until it has figures of its own.
+    """
+    latency = stats.ewma_latency_s if stats.samples else default_latency_s
+    return (max(stats.outstanding, 0) + 1) * latency
+
+
+def default_latency(candidates: Sequence[ReplicaStats]) -> float:
+    """The latency assumed for replicas without samples: the median of the known ones."""
+    known = [c.ewma_latency_s for c in candidates if c.samples]
+    return statistics.median(known) if known else _NO_SAMPLES_LATENCY_S
+
+
+def pick(
+    candidates: Sequence[ReplicaStats],
+    rng: random.Random,
+    exclude: Collection[str] = (),
+) -> ReplicaStats | None:
+    """Two distinct random candidates not in `exclude`, the one with the lower score; the only
+    one if one is left; None if none is."""
+    eligible = [c for c in candidates if c.key not in exclude]
+    if len(eligible) <= 1:
+        return eligible[0] if eligible else None
+    default = default_latency(candidates)
+    first, second = rng.sample(range(len(eligible)), 2)
+    a, b = eligible[first], eligible[second]
+    # Ties go to the first drawn, which is itself random: no bias towards list order.
+    return b if score(b, default) < score(a, default) else a
+
+
+def order_for_failover(
+    candidates: Sequence[ReplicaStats],
+    rng: random.Random,
+    exclude: Collection[str] = (),
+) -> list[ReplicaStats]:
+    """The order a caller tries replicas in: `pick`'s choice first, then the rest (excluded ones
+    left out) by score, list order breaking ties."""
+    chosen = pick(candidates, rng, exclude)
+    if chosen is None:
+        return []
+    default = default_latency(candidates)
+    rest = [c for c in candidates if c.key not in exclude and c is not chosen]
+    rest.sort(key=lambda c: score(c, default))  # stable: equal scores keep list order
+    return [chosen, *rest]
