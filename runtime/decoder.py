@@ -1,0 +1,362 @@
+"""The decoder span a node serves for a generation package: one step for a batch of sequences.
+
+A span runs decoder layers first_layer..first_layer+layers-1 (one or more package segments).
+Each sequence's KV for those layers lives here, in a ``SequenceKV``, and never crosses the
+network: only input ids (first span), hidden states and, from the last span, logits do.
+
+Graph interface (written by exporter/decoder_export.py): inputs ``input_ids`` [B, T] INT64 or
+``hidden.{L}`` [B, T, H] FP32, ``attention_mask`` [B, past + T] INT64 (1 = real, rows
+left-padded), ``position_ids`` [B, T] INT64, ``past.{l}.key|value`` [B, kv_heads, past, head_dim];
+outputs ``hidden.{L'}`` or ``logits`` [B, vocab] (each row's last position) and
+``present.{l}.key|value`` [B, kv_heads, past + T, head_dim].
+
+Batches: rows' pasts may differ in length; they are left-padded to the longest for the run (the
+mask hides the padding), and each row keeps only its real tokens afterwards. A batch of one
+without padding feeds its KV arrays as they are and keeps the graph's ``present`` outputs: no
+copy besides the graph's own concatenation.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.decoder_merge import can_merge, merge_segment_files
+from runtime.errors import (
+    ContextOverflow,
+    DecoderStepFailed,
+    InputMismatch,
+    InvalidRequest,
+    ModelLoadError,
+    ShapeMismatch,
+)
+from runtime.manifest import GenerationInfo, KvLayout, SegmentInfo
+from runtime.package import PackageRef, verify_segment
+from runtime.session import ModelSession, SessionSettings, create_session
+
+log = logging.getLogger(__name__)
+
+_PAST = re.compile(r"past\.(\d+)\.key")
+_HIDDEN = re.compile(r"hidden\.(\d+)")
+INPUT_IDS = "input_ids"
+LOGITS = "logits"
+_KV_DTYPES = {"FP32": np.float32, "FP16": np.float16}
+
+
+@dataclass
+class SequenceKV:
+    """One sequence's KV for one span's layers."""
+
+    keys: list[np.ndarray]  # per layer [1, kv_heads, length, head_dim]
+    values: list[np.ndarray]
+    length: int  # tokens held == the next position
+
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.keys) + sum(int(a.nbytes) for a in self.values)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One onnxruntime session of the span and the interface names it reads and writes."""
+
+    session: ModelSession
+    input_name: str
+    output_name: str
+    layers: list[int]  # absolute layer indices, in order
+
+
+class DecoderSpan:
+    """Runs a span's sessions in order for one step of a batch of sequences."""
+
+    def __init__(
+        self, sessions: list[ModelSession], segments: list[SegmentInfo], info: GenerationInfo
+    ) -> None:
+        if not sessions or not segments:
+            raise ModelLoadError("a decoder span needs at least one segment and one session")
+        layouts = [s.kv for s in segments]
+        if any(kv is None for kv in layouts):
+            missing = [s.file for s in segments if s.kv is None]
+            raise ModelLoadError(
+                f"segment(s) {', '.join(missing)} have no KV layout; a decoder span takes the "
+                "segments of a generation package (manifest kind 'generation')"
+            )
+        kvs: list[KvLayout] = [kv for kv in layouts if kv is not None]
+        self.first_layer = kvs[0].first_layer
+        expected: list[int] = []
+        for kv in kvs:
+            if kv.first_layer != self.first_layer + len(expected) or kv.layers < 1:
+                spans = [(k.first_layer, k.layers) for k in kvs]
+                raise ModelLoadError(
+                    f"segments' layers (first, count) {spans} are not consecutive; a span takes "
+                    "a package's segments first..last in order"
+                )
+            expected += range(kv.first_layer, kv.first_layer + kv.layers)
+        self.layers = len(expected)
+        self.info = info
+        self.kv_heads = kvs[0].kv_heads
+        self.head_dim = kvs[0].head_dim
+        self.kv_dtype = _KV_DTYPES.get(kvs[0].dtype, np.float32)
+        self.kv_bytes_per_token = sum(kv.bytes_per_token() for kv in kvs)
+        self._stages = [_stage(s) for s in sessions]
+        got = [layer for stage in self._stages for layer in stage.layers]
+        if got != expected:
+            raise ModelLoadError(
+                f"the sessions hold layers {got}, the segments describe {expected}"
+            )
+        for before, after in zip(self._stages, self._stages[1:], strict=False):
+            if before.output_name != after.input_name:
+                raise ModelLoadError(
+                    f"session {before.session.source} outputs {before.output_name} but the next, "
+                    f"{after.session.source}, takes {after.input_name}"
+                )
+        self.is_first = self._stages[0].input_name == INPUT_IDS
+        self.is_last = self._stages[-1].output_name == LOGITS
+
+    @property
+    def session_count(self) -> int:
+        return len(self._stages)
+
+    def empty_kv(self) -> SequenceKV:
+        shape = (1, self.kv_heads, 0, self.head_dim)
+        keys = [np.zeros(shape, self.kv_dtype) for _ in range(self.layers)]
+        values = [np.zeros(shape, self.kv_dtype) for _ in range(self.layers)]
+        return SequenceKV(keys, values, 0)
+
+    def step(
+        self, kvs: list[SequenceKV], inputs: np.ndarray, new_tokens: list[int] | None = None
+    ) -> np.ndarray:
+        """One step for a batch: inputs are input_ids [B, T] (first span) or hidden [B, T, H];
+        row i's real new tokens are its last new_tokens[i] (left padding; None = all T); each
+        row's past (kvs[i].length tokens, which may differ between rows) is left-padded to the
+        longest for the run; afterwards each kvs[i] holds its real tokens only. Returns hidden
+        [B, T, H] or, for the last span, logits [B, vocab]."""
+        inputs = self._check_inputs(inputs)
+        batch, tokens = int(inputs.shape[0]), int(inputs.shape[1])
+        counts = self._check_rows(kvs, batch, tokens, new_tokens)
+        lengths = [kv.length for kv in kvs]
+        if batch == 1 and counts[0] == tokens:
+            past_len = lengths[0]
+            mask = np.ones((1, past_len + tokens), np.int64)
+            positions = np.arange(past_len, past_len + tokens, dtype=np.int64)[None, :]
+            past = {}
+            for i, layer in enumerate(range(self.first_layer, self.first_layer + self.layers)):
+                past[f"past.{layer}.key"] = kvs[0].keys[i]
+                past[f"past.{layer}.value"] = kvs[0].values[i]
+        else:
+            past_len = max(lengths)
+            mask, positions = _padded_mask(lengths, counts, past_len, tokens)
+            past = self._padded_past(kvs, past_len)
+        out, presents = self._run(inputs, mask, positions, past)
+        for i, layer in enumerate(range(self.first_layer, self.first_layer + self.layers)):
+            key, value = presents[f"present.{layer}.key"], presents[f"present.{layer}.value"]
+            if batch == 1 and counts[0] == tokens:
+                kvs[0].keys[i], kvs[0].values[i] = key, value
+                continue
+            for row, kv in enumerate(kvs):
+                kv.keys[i] = _real_tokens(key, row, lengths[row], counts[row], past_len, tokens)
+                kv.values[i] = _real_tokens(value, row, lengths[row], counts[row], past_len, tokens)
+        for kv, count in zip(kvs, counts, strict=True):
+            kv.length += count
+        return out
+
+    def _run(
+        self,
+        x: np.ndarray,
+        mask: np.ndarray,
+        positions: np.ndarray,
+        past: dict[str, np.ndarray],
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        presents: dict[str, np.ndarray] = {}
+        for stage in self._stages:
+            feeds = {stage.input_name: x, "attention_mask": mask, "position_ids": positions}
+            names = [stage.output_name]
+            for layer in stage.layers:
+                feeds[f"past.{layer}.key"] = past[f"past.{layer}.key"]
+                feeds[f"past.{layer}.value"] = past[f"past.{layer}.value"]
+                names += [f"present.{layer}.key", f"present.{layer}.value"]
+            try:
+                produced = stage.session.run(feeds, names)
+            except Exception as exc:  # onnxruntime's errors are untyped
+                past_shape = list(feeds[f"past.{stage.layers[0]}.key"].shape)
+                raise DecoderStepFailed(
+                    f"{stage.session.source} failed on {stage.input_name} {list(x.shape)}, "
+                    f"past {past_shape}: {exc}"
+                ) from exc
+            x = produced[0]
+            presents.update(zip(names[1:], produced[1:], strict=True))
+        return x, presents
+
+    def _check_inputs(self, inputs: np.ndarray) -> np.ndarray:
+        if not isinstance(inputs, np.ndarray):
+            raise InputMismatch(f"inputs must be a numpy array, got {type(inputs).__name__}")
+        if self.is_first:
+            if inputs.dtype.kind not in "iu":
+                raise InputMismatch(
+                    f"the first span takes input_ids of an integer dtype [batch, tokens], got "
+                    f"{inputs.dtype}"
+                )
+            if inputs.ndim != 2 or 0 in inputs.shape:
+                raise ShapeMismatch(
+                    f"input_ids has shape {list(inputs.shape)}; expected [batch, tokens], both >= 1"
+                )
+            return inputs.astype(np.int64, copy=False)
+        hidden = self.info.hidden_size
+        if inputs.dtype != np.float32:
+            raise InputMismatch(
+                f"hidden.{self.first_layer} must be FP32 [batch, tokens, {hidden}], got "
+                f"{inputs.dtype}"
+            )
+        if inputs.ndim != 3 or inputs.shape[2] != hidden or 0 in inputs.shape:
+            raise ShapeMismatch(
+                f"hidden.{self.first_layer} has shape {list(inputs.shape)}; expected "
+                f"[batch, tokens, {hidden}] with batch, tokens >= 1"
+            )
+        return inputs
+
+    def _check_rows(
+        self, kvs: list[SequenceKV], batch: int, tokens: int, new_tokens: list[int] | None
+    ) -> list[int]:
+        if len(kvs) != batch:
+            raise InvalidRequest(
+                f"{len(kvs)} sequence KV(s) for a batch of {batch} rows; give one per row"
+            )
+        if len({id(kv) for kv in kvs}) != len(kvs):
+            raise InvalidRequest("one sequence's KV appears twice in the batch; rows must differ")
+        counts = [tokens] * batch if new_tokens is None else [int(n) for n in new_tokens]
+        if len(counts) != batch or any(not 1 <= n <= tokens for n in counts):
+            raise InvalidRequest(
+                f"new_tokens {new_tokens!r} must give, for each of the {batch} rows, its real "
+                f"new tokens: 1..{tokens} (the row's last ones; the rest is left padding)"
+            )
+        want = (1, self.kv_heads, None, self.head_dim)
+        for row, kv in enumerate(kvs):
+            if len(kv.keys) != self.layers or len(kv.values) != self.layers:
+                raise InvalidRequest(
+                    f"row {row}'s KV holds {len(kv.keys)} key and {len(kv.values)} value "
+                    f"layer(s); this span has {self.layers} (use empty_kv())"
+                )
+            for array in (*kv.keys, *kv.values):
+                if array.dtype != self.kv_dtype:
+                    raise InputMismatch(
+                        f"row {row}'s KV holds {array.dtype} arrays; this span keeps "
+                        f"{np.dtype(self.kv_dtype)} (use empty_kv())"
+                    )
+                shape = array.shape
+                if (
+                    len(shape) != 4
+                    or (shape[0], shape[1], shape[3]) != (1, self.kv_heads, self.head_dim)
+                    or shape[2] != kv.length
+                ):
+                    raise ShapeMismatch(
+                        f"row {row}'s KV has an array of shape {list(shape)}; expected "
+                        f"{[d if d is not None else kv.length for d in want]}"
+                    )
+            if kv.length + counts[row] > self.info.context_length:
+                raise ContextOverflow(
+                    f"row {row} would hold {kv.length + counts[row]} tokens; the model's "
+                    f"context length is {self.info.context_length}"
+                )
+        return counts
+
+    def _padded_past(self, kvs: list[SequenceKV], past_len: int) -> dict[str, np.ndarray]:
+        past: dict[str, np.ndarray] = {}
+        shape = (len(kvs), self.kv_heads, past_len, self.head_dim)
+        for i, layer in enumerate(range(self.first_layer, self.first_layer + self.layers)):
+            for part in ("key", "value"):
+                padded = np.zeros(shape, self.kv_dtype)
+                for row, kv in enumerate(kvs):
+                    held = kv.keys[i] if part == "key" else kv.values[i]
+                    if kv.length:
+                        padded[row, :, past_len - kv.length :] = held[0]
+                past[f"past.{layer}.{part}"] = padded
+        return past
+
+
+def _padded_mask(
+    lengths: list[int], counts: list[int], past_len: int, tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row i: [pad | its past | pad | its new tokens]; positions continue each row's past."""
+    batch = len(lengths)
+    mask = np.zeros((batch, past_len + tokens), np.int64)
+    positions = np.ones((batch, tokens), np.int64)  # padding positions are masked: any value
+    for row, (length, count) in enumerate(zip(lengths, counts, strict=True)):
+        mask[row, past_len - length : past_len] = 1
+        mask[row, past_len + tokens - count :] = 1
+        positions[row, tokens - count :] = np.arange(length, length + count)
+    return mask, positions
+
+
+def _real_tokens(
+    present: np.ndarray, row: int, length: int, count: int, past_len: int, tokens: int
+) -> np.ndarray:
+    """Row ``row``'s real tokens of a batch ``present`` as its own [1, heads, n, dim] array."""
+    old = present[row : row + 1, :, past_len - length : past_len]
+    new = present[row : row + 1, :, past_len + tokens - count :]
+    return np.concatenate((old, new), axis=2)
+
+
+def _stage(session: ModelSession) -> _Stage:
+    names = [spec.name for spec in session.signature.inputs]
+    outputs = session.signature.output_names()
+    layers = [int(m.group(1)) for n in names if (m := _PAST.fullmatch(n))]
+    main_in = [n for n in names if n == INPUT_IDS or _HIDDEN.fullmatch(n)]
+    main_out = [n for n in outputs if n == LOGITS or _HIDDEN.fullmatch(n)]
+    if len(main_in) != 1 or len(main_out) != 1 or not layers:
+        raise ModelLoadError(
+            f"{session.source} is not a generation segment: it takes {', '.join(names)} and "
+            f"gives {', '.join(outputs)}; expected input_ids or hidden.L, attention_mask, "
+            "position_ids, past.l.key/value -> hidden.L' or logits, present.l.key/value"
+        )
+    return _Stage(session, main_in[0], main_out[0], layers)
+
+
+def load_decoder_span(
+    package: PackageRef,
+    settings: SessionSettings,
+    first: int,
+    last: int,
+    merge: bool = True,
+    verify: bool = True,
+) -> DecoderSpan:
+    """Load segments first..last (inclusive) of a generation package as one span.
+
+    With ``merge`` (the default) the segments become one session when their files fit in one
+    protobuf (<= 1.8 GB): one run per step instead of one per segment.
+    """
+    manifest = package.manifest
+    if manifest is None or not manifest.is_generation or manifest.generation is None:
+        kind = "a plain model.onnx" if manifest is None else f"kind {manifest.kind!r}"
+        raise ModelLoadError(
+            f"{package.name} v{package.version} is {kind}; a decoder span needs a generation "
+            "package (manifest format 2, kind 'generation')"
+        )
+    if not 0 <= first <= last < len(package.segments):
+        raise ModelLoadError(
+            f"span {first}..{last} is outside {package.name} v{package.version}'s "
+            f"{len(package.segments)} segment(s)"
+        )
+    segments = package.segments[first : last + 1]
+    if verify:
+        for index in range(first, last + 1):
+            verify_segment(package, index)
+    paths = [package.folder / s.file for s in segments]
+    mergeable = can_merge(
+        package.folder, [s.file for s in segments], [s.external_data for s in segments]
+    )
+    if merge and len(segments) > 1 and mergeable:
+        sessions = [create_session(merge_segment_files(paths), settings)]
+        sessions[0].source = f"{package.folder.name}: segments {first}..{last} merged"
+    else:
+        sessions = [create_session(p, settings) for p in paths]
+    log.info(
+        "loaded %s v%s decoder segments %d..%d as %d session(s)",
+        package.name,
+        package.version,
+        first,
+        last,
+        len(sessions),
+    )
+    return DecoderSpan(sessions, segments, manifest.generation)
