@@ -12,6 +12,7 @@ from typing import Any
 
 from appliance.config import CoordinatorConfig, NodeConfig, add_config_flags, load_config
 from appliance.errors import ConfigError
+from appliance.export_cli import add_export_parser, run_export
 from appliance.http.logs import configure_logging
 from appliance.http.server import Listening, Server
 from runtime.errors import RuntimeFailure
@@ -26,6 +27,17 @@ NODE_PORT = 9100
 def default_demo_repo() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "onnx-appliance" / "models"
+
+
+def require_repository(path: str, who: str) -> None:
+    """A repository named on the command line must exist: a typo must not become an empty
+    repository served (or the demo built in it) while the real models sit elsewhere."""
+    if not Path(path).is_dir():
+        raise ConfigError(
+            f"{who}: the model repository {path} does not exist; give the folder that holds "
+            "{name}/{version}/ model packages (appliance export --model-repo writes them), or "
+            "create it"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     coordinator.add_argument("--config", type=Path, help="TOML file with CoordinatorConfig keys")
     add_config_flags(coordinator, CoordinatorConfig, {"port": SERVE_PORT})
-    _add_export_parser(commands)
+    add_export_parser(commands)
     units = commands.add_parser("install-units", help="write the systemd units for this install")
     units.add_argument("--prefix", type=Path, default=Path("/etc/systemd/system"))
     units.add_argument("--user", default="appliance", help="service user (default appliance)")
@@ -63,83 +75,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_export_parser(commands: Any) -> None:
-    export = commands.add_parser(
-        "export",
-        help="convert a model to ONNX, cut it into verified segments, write a model package",
-        description="SOURCE: a Hugging Face model folder, module.path:factory (a callable "
-        "returning a torch.nn.Module and example inputs), or an .onnx file.",
-    )
-    export.add_argument("source", nargs="?", default="", metavar="SOURCE")
-    export.add_argument("--model-repo", type=Path, required=True, help="model repository")
-    export.add_argument("--name", required=True, help="model name in the repository")
-    export.add_argument("--version", type=int, default=1, help="version folder (default 1)")
-    export.add_argument("--stages", type=int, help="record a default grouping into N spans")
-    export.add_argument(
-        "--min-segment-bytes",
-        default="4MiB",
-        help="merge segments lighter than this into their neighbours (e.g. 4MiB, 500MB)",
-    )
-    export.add_argument("--opset", type=int, default=17)
-    export.add_argument("--quantize", choices=["int8"], help="onnxruntime dynamic quantisation")
-    export.add_argument("--fp16", action="store_true", help="fp16 weights and compute")
-    export.add_argument("--task", help="Hugging Face task (default: inferred)")
-    export.add_argument("--atol", type=float, default=1e-4, help="verification tolerance")
-    export.add_argument("--rtol", type=float, default=1e-3, help="verification tolerance")
-    export.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
-    export.add_argument("--force", action="store_true", help="replace an existing version")
-    export.add_argument("--log-level", default="warning")
-
-
-def _export(args: argparse.Namespace) -> int:
-    from exporter.errors import ExportError
-    from exporter.export import export_model, format_plan, parse_size
-
-    configure_logging(args.log_level)
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # module.path:factory sources resolve from the current folder
-    try:
-        if not args.source:
-            raise ExportError(
-                "SOURCE is missing: give a Hugging Face model folder, module.path:factory, "
-                "or an .onnx file"
-            )
-        result = export_model(
-            args.source,
-            args.model_repo,
-            args.name,
-            version=args.version,
-            stages=args.stages,
-            min_segment_bytes=parse_size(args.min_segment_bytes),
-            opset=args.opset,
-            quantize=args.quantize,
-            fp16=args.fp16,
-            task=args.task,
-            dry_run=args.dry_run,
-            force=args.force,
-            atol=args.atol,
-            rtol=args.rtol,
-            progress=sys.stderr if sys.stderr.isatty() else None,
-        )
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_plan(result))
-    if result.folder is not None:
-        checked = result.verification.get("chained_vs_whole", {}).get("max_abs_diff", {})
-        print(f"verified: chained segments vs whole model, max abs diff {checked}")
-        print(f"wrote {result.folder} in {result.seconds:.1f}s")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "export":
-        return _export(args)
+        return run_export(args)
     if args.command == "install-units":
         from appliance.units import UnitSettings, install_units
 
         settings = UnitSettings(args.user, args.state_dir, args.config_dir, args.memory_max)
+        try:
+            settings.check()
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         for path in install_units(args.prefix, settings):
             print(f"wrote {path}")
         print(
@@ -174,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging(coordinator_config.log_level, coordinator_config.log_format)
             if not coordinator_config.model_repo:
                 raise ConfigError("appliance coordinator needs --model-repo DIR")
+            require_repository(coordinator_config.model_repo, "appliance coordinator")
             from appliance.local_ring import run_coordinator
 
             return asyncio.run(run_coordinator(coordinator_config))
@@ -181,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(config.log_level, config.log_format)
         if not config.model_repo:
             raise ConfigError("appliance node needs --model-repo DIR (or model_repo in --config)")
+        if not config.join:  # a ring node's repository is its cache of fetched segments
+            require_repository(config.model_repo, "appliance node")
         return asyncio.run(_run_node(config))
     except (ConfigError, RuntimeFailure) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -194,6 +145,8 @@ async def _serve(config: CoordinatorConfig, nodes: int) -> int:
     from appliance.local_ring import LocalRing, run_local_ring
     from runtime.package import list_repository
 
+    if config.model_repo:
+        require_repository(config.model_repo, "appliance serve")
     repo = Path(config.model_repo) if config.model_repo else default_demo_repo()
     if not list_repository(repo):
         from exporter.demo_model import ensure_demo_package

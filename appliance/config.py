@@ -91,6 +91,13 @@ class ServerConfig:
         default="",
         metadata={"help": "cluster CA: verify peers, and require their certificates (mTLS)"},
     )
+    tls_server_name: str = field(
+        default="",
+        metadata={
+            "help": "the name to verify in ring members' certificates instead of the host of "
+            "their URL (members sharing one certificate issued for that name)"
+        },
+    )
     # --- ring membership ---
 
     def check_server(self) -> None:

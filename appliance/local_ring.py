@@ -15,16 +15,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
 from aiohttp import web
 
-from appliance.config import CoordinatorConfig
+from appliance.config import CoordinatorConfig, entries_with_file
 from appliance.coordinator.app import build_coordinator_app
 from appliance.coordinator.cluster import Cluster
 from appliance.coordinator.keys import COORDINATOR
+from appliance.coordinator.retry import Retry
 from appliance.errors import ConfigError
 from appliance.http.server import Listening, Server
 from appliance.sd_notify import notify
@@ -50,6 +52,7 @@ def node_command(
     budget: int,
     log_level: str,
     secrets_file: Path,
+    shared: Sequence[str] = (),
 ) -> list[str]:
     return [
         sys.executable,
@@ -74,7 +77,30 @@ def node_command(
         log_level,
         "--cluster-secrets-file",
         str(secrets_file),
+        *shared,
     ]
+
+
+def shared_settings(config: CoordinatorConfig, work: Path) -> list[str]:
+    """The flags the local nodes take from the coordinator's settings: the same TLS (a node
+    serves HTTPS with the same certificate and verifies its peers with the same CA) and the
+    same tokens (handed over in a file readable by this user only, as the cluster secret)."""
+    flags: list[str] = []
+    if config.tls_cert:
+        flags += ["--tls-cert", config.tls_cert, "--tls-key", config.tls_key]
+        flags += ["--tls-ca", config.tls_ca]
+    if config.tls_server_name:
+        flags += ["--tls-server-name", config.tls_server_name]
+    tokens = entries_with_file(config.tokens, config.tokens_file, "tokens_file")
+    if tokens:
+        path = work / "tokens"
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text("".join(t + "\n" for t in tokens))
+        flags += ["--tokens-file", str(path)]
+    if config.metrics_public:
+        flags.append("--metrics-public")
+    return flags
 
 
 def local_secrets_file(config: CoordinatorConfig, work: Path) -> Path:
@@ -120,6 +146,10 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
         raise ConfigError(f"--nodes must be at least 1, got {ring.nodes}")
     secrets_file = local_secrets_file(config, work)
     config = replace(config, cluster_secrets=[], cluster_secrets_file=str(secrets_file))
+    if config.tls_cert and not config.tls_ca:
+        # one self-signed certificate for every local member: it is its own CA
+        config = replace(config, tls_ca=config.tls_cert)
+    shared = shared_settings(config, work)
     app = build_coordinator_app(config)
     server = Server(app, config, None)  # the listening line comes once the ring is placed
     nodes = _Nodes()
@@ -132,7 +162,7 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
         level = ring.node_log_level
         nodes.start(
             [
-                node_command(i, listening.url, work, threads, budget, level, secrets_file)
+                node_command(i, listening.url, work, threads, budget, level, secrets_file, shared)
                 for i in range(ring.nodes)
             ]
         )
@@ -203,11 +233,13 @@ async def run_coordinator(config: CoordinatorConfig) -> int:
 async def _place_when_joined(app: web.Application, config: CoordinatorConfig) -> None:
     coordinator = app[COORDINATOR]
     for name in config.models:
+        retry = Retry()
         while name not in coordinator.placements:
-            if coordinator.cluster.live(time.monotonic()):
+            now = time.monotonic()
+            if coordinator.cluster.live(now) and now >= retry.next_at:
                 try:
                     await coordinator.load(name, None, None)
                     break
                 except Exception as exc:  # retried: nodes may still be joining
-                    log.warning("placing %s failed (%s); retrying", name, exc)
-            await asyncio.sleep(2)
+                    retry.failed(now, f"placing {name} failed: {exc}")
+            await asyncio.sleep(0.5)

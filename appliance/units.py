@@ -7,10 +7,13 @@ the node memory limit.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+
+from appliance.errors import ConfigError
 
 TEMPLATES = files("appliance") / "systemd"
 UNITS = ("appliance-node@.service", "appliance-coordinator.service")
@@ -23,6 +26,29 @@ class UnitSettings:
     config_dir: str = "/etc/appliance"
     memory_max: str = "infinity"  # e.g. 12G: the node's memory budget plus headroom
     python: str = sys.executable
+
+    def check(self) -> None:
+        """Refuse what systemd would only warn about at boot (and then ignore)."""
+        if not _MEMORY_MAX.fullmatch(self.memory_max):
+            raise ConfigError(
+                f"--memory-max {self.memory_max!r} is not a systemd memory limit; accepted: "
+                "bytes with an optional K, M, G, T, P or E suffix (12G), a percentage of RAM "
+                "(80%), or infinity"
+            )
+        if not _USER.fullmatch(self.user):
+            raise ConfigError(
+                f"--user {self.user!r} is not a valid user name; accepted: letters, digits, "
+                "'_' and '-', starting with a letter or '_' (at most 32 characters)"
+            )
+        for flag, value in (("--state-dir", self.state_dir), ("--config-dir", self.config_dir)):
+            if not value.startswith("/") or any(c.isspace() for c in value):
+                raise ConfigError(
+                    f"{flag} {value!r}: systemd needs an absolute path without spaces"
+                )
+
+
+_MEMORY_MAX = re.compile(r"[0-9]+(\.[0-9]+)?[KMGTPE]?|[0-9]+(\.[0-9]+)?%|infinity")
+_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,31}")
 
 
 def render(template: str, settings: UnitSettings) -> str:

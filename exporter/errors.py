@@ -54,3 +54,7 @@ class VerificationFailed(ExportError):
             f"{listing}"
         )
         self.failures = failures
+
+
+class ReducedPrecisionRejected(ExportError):
+    """int8 or fp16 segments differ from fp32 beyond the reduced-precision tolerance."""

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import numpy as np
 import onnx
 
-from exporter.errors import ExportError, PackageExists, VerificationFailed
+from exporter.errors import ExportError, PackageExists, ReducedPrecisionRejected, VerificationFailed
 from exporter.package_writer import write_package
 from exporter.partition import (
     SegmentPlan,
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MIN_SEGMENT_BYTES = 4 * 1024 * 1024
 QUANTIZE_CHOICES = ("int8",)
+# int8 or fp16 outputs against fp32: dynamic int8 moved MiniLM's hidden states by up to 1.14
+# (measured), which this refuses unless asked; fp16 keeps within about 1e-3
+DEFAULT_REDUCED_ATOL = 0.05
 
 
 @dataclass
@@ -91,6 +94,7 @@ def export_model(
     force: bool = False,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    reduced_atol: float = DEFAULT_REDUCED_ATOL,
     slack: float = 0.25,
     source_label: str | None = None,
     progress: TextIO | None = None,
@@ -129,6 +133,7 @@ def export_model(
             force,
             atol,
             rtol,
+            reduced_atol,
             slack,
             source_label,
             progress,
@@ -153,6 +158,7 @@ def _export(
     force: bool,
     atol: float,
     rtol: float,
+    reduced_atol: float,
     slack: float,
     source_label: str | None,
     progress: TextIO | None,
@@ -200,8 +206,17 @@ def _export(
                     f"({type(exc).__name__}); their accuracy is checked by the gpu-marked test"
                 )
             else:
-                # lower precision is expected to miss the fp32 tolerance: report, do not fail
-                report["reduced_vs_whole"] = compare(whole, reduced, atol, rtol).as_dict()
+                # lower precision misses the fp32 tolerance by design: it has its own
+                versus = compare(whole, reduced, reduced_atol, rtol)
+                report["reduced_vs_whole"] = {**versus.as_dict(), "atol": reduced_atol}
+                if versus.failed and not force:
+                    raise ReducedPrecisionRejected(
+                        f"the {precision} segments differ from the fp32 model beyond "
+                        f"--reduced-atol {reduced_atol:g}: "
+                        + "; ".join(f"{n}: max abs diff {d:.3g}" for n, d in versus.failed.items())
+                        + "; raise --reduced-atol, or pass --force to write the package anyway"
+                    )
+                report["reduced_vs_whole"]["accepted"] = "forced" if versus.failed else "within"
         del whole
         gc.collect()
         with step("writing the package"):

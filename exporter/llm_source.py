@@ -106,6 +106,31 @@ def resolve_source(source: str | Path) -> tuple[Path, str | None]:
     raise SourceError(f"SOURCE {text!r} not found; accepted: {ACCEPTED}")
 
 
+GENERATION_TASKS = ("text-generation", "text-generation-with-past")
+
+
+def is_generation_source(source: str | Path, task: str | None = None) -> bool:
+    """Whether ``appliance export SOURCE`` writes a generation package: a ``.gguf`` file (or a
+    folder holding one), ``smollm2``, or a Hugging Face folder of a causal LM, unless ``task``
+    asks for something else (``--task text-generation`` on a causal LM still means generation;
+    the one-pass logits graph is not what serving a decoder needs)."""
+    if task is not None and task not in GENERATION_TASKS:
+        return False
+    text = str(source).strip()
+    if text == SMOLLM2_ALIAS:
+        return True
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path.suffix.lower() == ".gguf"
+    if not path.is_dir():
+        return False
+    config = path / "config.json"
+    if not config.is_file():
+        return any(path.glob("*.gguf"))
+    architectures = _read_json(config).get("architectures") or []
+    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
 def load_causal_lm(source: str | Path) -> LoadedLM:
     """Load the model and its tokenizer (offline, fp32, eval); refuse other architectures."""
     folder, gguf = resolve_source(source)

@@ -81,36 +81,46 @@ class LoadedModel:
 
     def config(self) -> dict[str, Any]:
         """Triton's model configuration shape (dims exclude the batch dim when batching)."""
-        batching = self.batcher.batching
-        settings = self.batcher.settings
+        return triton_config(
+            self.name,
+            self.signature,
+            self.digest,
+            self.batcher.settings if self.batcher.batching else None,
+            "KIND_GPU" if self.runner.device == "cuda" else "KIND_CPU",
+        )
 
-        def tensor(spec: TensorSpec) -> dict[str, Any]:
-            dims = list(spec.shape[1:] if batching else spec.shape)
-            return {
-                "name": spec.name,
-                "data_type": V2_TO_TRITON_CONFIG[spec.datatype],
-                "dims": dims,
-            }
 
-        config: dict[str, Any] = {
-            "name": self.name,
-            "platform": PLATFORM,
-            "backend": "onnxruntime",
-            "version_policy": {"latest": {"num_versions": 1}},
-            "max_batch_size": settings.max_batch_size if batching else 0,
-            "input": [tensor(s) for s in self.signature.inputs],
-            "output": [tensor(s) for s in self.signature.outputs],
-            "instance_group": [
-                {"count": 1, "kind": "KIND_GPU" if self.runner.device == "cuda" else "KIND_CPU"}
-            ],
-            "parameters": {"digest": {"string_value": self.digest}},
+def triton_config(
+    name: str,
+    signature: Signature,
+    digest: str,
+    batching: BatchSettings | None,
+    kind: str = "KIND_CPU",
+) -> dict[str, Any]:
+    """A model's configuration in Triton's shape (``data_type`` as ``TYPE_FP32``, ``dims``
+    without the batch dim when batching, ``max_batch_size`` 0 when not), as clients read it."""
+
+    def tensor(spec: TensorSpec) -> dict[str, Any]:
+        dims = list(spec.shape[1:] if batching else spec.shape)
+        return {"name": spec.name, "data_type": V2_TO_TRITON_CONFIG[spec.datatype], "dims": dims}
+
+    config: dict[str, Any] = {
+        "name": name,
+        "platform": PLATFORM,
+        "backend": "onnxruntime",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": batching.max_batch_size if batching else 0,
+        "input": [tensor(s) for s in signature.inputs],
+        "output": [tensor(s) for s in signature.outputs],
+        "instance_group": [{"count": 1, "kind": kind}],
+        "parameters": {"digest": {"string_value": digest}},
+    }
+    if batching:
+        config["dynamic_batching"] = {
+            "max_queue_delay_microseconds": batching.max_queue_delay_us,
+            "default_queue_policy": {"max_queue_size": batching.max_queue_size},
         }
-        if batching:
-            config["dynamic_batching"] = {
-                "max_queue_delay_microseconds": settings.max_queue_delay_us,
-                "default_queue_policy": {"max_queue_size": settings.max_queue_size},
-            }
-        return config
+    return config
 
 
 @dataclass

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from appliance.security.auth import ANONYMOUS, Caller
 from cache.errors import JobNotFound
 from cache.job import Job
 from cache.job_store import JobStore
@@ -77,14 +78,19 @@ class JobRunner:
         await self.store.submit(job)  # durable before the caller answers 202
         self._queue.put_nowait(job.id)
 
-    def get(self, job_id: str, owner: str = "") -> Job:
+    def get(self, job_id: str, caller: Caller = ANONYMOUS) -> Job:
+        """The job, if ``caller`` may see it; the same 404 whether it does not exist or is
+        another token's (which tells nobody that someone else's job exists)."""
         job = self.store.get(job_id)
-        if job is None or (job.owner and job.owner != owner):
-            raise JobNotFound(f"no job {job_id!r} (finished jobs are kept {self._ttl_s:.0f} s)")
+        if job is None or not caller.may_see(job.owner):
+            for_whom = " for this token" if caller.id else ""
+            raise JobNotFound(
+                f"no job {job_id!r}{for_whom} (finished jobs are kept {self._ttl_s:.0f} s)"
+            )
         return job
 
-    async def cancel(self, job_id: str, owner: str = "") -> Job:
-        job = self.get(job_id, owner)
+    async def cancel(self, job_id: str, caller: Caller = ANONYMOUS) -> Job:
+        job = self.get(job_id, caller)
         if job.done:
             return job
         task = self._running.get(job_id)
@@ -94,7 +100,7 @@ class JobRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.shield(task)
             for _ in range(500):  # the worker records "cancelled" right after the task ends
-                job = self.get(job_id, owner)
+                job = self.get(job_id, caller)
                 if job.done:
                     break
                 await asyncio.sleep(0.01)

@@ -35,6 +35,7 @@ class Member:
     spans: list[HeldSpan] = field(default_factory=list)
     load: dict[str, Any] = field(default_factory=dict)
     last_seen: float = 0.0
+    left_at: float | None = None  # it said it was stopping (a planned restart, a shutdown)
     joined_at: float = 0.0
     generation: int = 0  # the node's count of loads and unloads when it reported its spans
 
@@ -67,6 +68,7 @@ class Member:
             "healthy": healthy,
             "ejected": ejected,
             "last_seen_s": round(now - self.last_seen, 3),
+            "left": self.left_at is not None,
             "spans": [s.__dict__ for s in self.spans],
             "load": self.load,
         }
@@ -114,7 +116,22 @@ class Cluster:
         self._next_ring_index = 0
 
     def is_live(self, member: Member, now: float) -> bool:
-        return now - member.last_seen <= self.node_timeout_s
+        return member.left_at is None and now - member.last_seen <= self.node_timeout_s
+
+    def leave(self, member: Member, now: float) -> None:
+        """Out of routes at once; its gone-clock starts now (a leave is not a death)."""
+        member.left_at = now
+
+    def gone_since(self, node_id: str, now: float, default: float) -> float | None:
+        """Since when a node has been away (last seen, or left), None while it is live;
+        ``default`` for a node never seen (a placement restored before it rejoined)."""
+        member = self.members.get(node_id)
+        if member is None:
+            return default
+        if self.is_live(member, now):
+            return None
+        seen = member.last_seen
+        return max(seen, member.left_at) if member.left_at is not None else seen
 
     def live(self, now: float) -> list[Member]:
         return sorted(
@@ -148,6 +165,7 @@ class Cluster:
             raise NotMember(f"node {raw.get('node_id')!r} is not a member (any more): join again")
         updated = parse_member(raw, now, existing.ring_index)
         updated.joined_at = existing.joined_at
+        updated.left_at = existing.left_at  # one in flight when it left: it stays left
         if updated.generation < existing.generation:
             # built before a load the coordinator has already heard of: keep the newer spans
             updated.spans, updated.generation = existing.spans, existing.generation
@@ -183,7 +201,9 @@ class Cluster:
                 holders = [
                     m
                     for m in self.members.values()
-                    if m.address not in exclude and m.holds(model, digest, first, last)
+                    if m.address not in exclude
+                    and m.left_at is None
+                    and m.holds(model, digest, first, last)
                 ]
             order = {node: i for i, node in enumerate(preferred)}
             holders.sort(key=lambda m: (order.get(m.node_id, len(order)), m.ring_index))

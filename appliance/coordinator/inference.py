@@ -104,7 +104,9 @@ class InferencePath:
             outputs = c.cache.get(key)
             lookup_ns = time.perf_counter_ns() - looked_up
             (stats.cache_hit if outputs is not None else stats.cache_miss).add(lookup_ns)
-        outcome = "hit" if outputs is not None else ("miss" if key is not None else "bypass")
+        # bypass: not looked up (the cache off for this model, or Cache-Control: no-cache)
+        looked = key is not None and cache_control.read
+        outcome = "hit" if outputs is not None else ("miss" if looked else "bypass")
         c.metrics.cache.labels(name, outcome).inc()
         if outputs is None:
             deadline = deadline_from(decoded.parameters)

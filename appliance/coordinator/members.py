@@ -75,7 +75,7 @@ async def leave(request: web.Request) -> web.Response:
     raw = await _member_body(request)
     member = coordinator.cluster.members.get(str(raw.get("node_id")))
     if member is not None and member.incarnation == str(raw.get("incarnation")):
-        member.last_seen = -1e9
+        coordinator.cluster.leave(member, time.monotonic())
         log.info("node %s left", member.node_id)
     return json_response({"left": member is not None})
 

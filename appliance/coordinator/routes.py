@@ -22,10 +22,12 @@ from appliance.http.v2 import (
     read_json_object,
     should_compress,
 )
-from appliance.security.auth import CALLER
+from appliance.security.auth import caller_of
 from cache.errors import JobNotFound
+from runtime.batcher import BatchSettings
 from runtime.codec import decode_response, encode_response, parse_header_length
 from runtime.package import list_repository
+from runtime.registry import triton_config
 
 CACHE_HEADER = "X-Appliance-Cache"
 STATUS_PAGE = Path(__file__).resolve().parent.parent / "static" / "status.html"
@@ -54,17 +56,16 @@ async def model_config(request: web.Request) -> web.Response:
     name, version = model_ref(request)
     entry = coordinator.entry(name, version)
     placement = coordinator.placements.get(name)
-    return json_response(
-        {
-            "name": name,
-            "platform": "onnxruntime_onnx",
-            "backend": "onnxruntime",
-            "input": [s.as_dict() for s in entry.signature.inputs],
-            "output": [s.as_dict() for s in entry.signature.outputs],
-            "parameters": {"digest": {"string_value": entry.digest}},
-            "placement": placement.as_dict() if placement else None,
-        }
+    config = coordinator.config
+    # what a client may send in one request: the rows of one hop (the nodes batch further)
+    batching = (
+        BatchSettings(config.max_hop_batch_rows, 0, config.max_hop_queue)
+        if entry.signature.batchable
+        else None
     )
+    answer = triton_config(name, entry.signature, entry.digest, batching)
+    answer["placement"] = placement.as_dict() if placement else None
+    return json_response(answer)
 
 
 async def model_stats(request: web.Request) -> web.Response:
@@ -96,7 +97,7 @@ async def _infer(request: web.Request) -> web.Response:
     length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
     if wants_async(request.headers.get("Prefer")):
         job = await coordinator.inference.submit_job(
-            name, version, body, length, request.get(CALLER, "")
+            name, version, body, length, caller_of(request).id
         )
         response = json_response(job.public(), status=202)
         response.headers["Location"] = f"/v2/jobs/{job.id}"
@@ -162,7 +163,7 @@ async def repository_unload(request: web.Request) -> web.Response:
 
 async def job_status(request: web.Request) -> web.Response:
     """The job; once succeeded, its result in the JSON form of a sync answer."""
-    job = coordinator_of(request).jobs.get(request.match_info["job"], request.get(CALLER, ""))
+    job = coordinator_of(request).jobs.get(request.match_info["job"], caller_of(request))
     view = job.public()
     if job.status == "succeeded" and job.result is not None:
         result = decode_response(job.result, job.result_header_length)
@@ -180,7 +181,7 @@ async def job_status(request: web.Request) -> web.Response:
 
 async def job_result(request: web.Request) -> web.Response:
     """The answer as the sync call would have sent it (binary outputs stay binary)."""
-    job = coordinator_of(request).jobs.get(request.match_info["job"], request.get(CALLER, ""))
+    job = coordinator_of(request).jobs.get(request.match_info["job"], caller_of(request))
     if job.status != "succeeded" or job.result is None:
         raise JobNotFound(f"job {job.id} has no result: it is {job.status}")
     return binary_or_json(job.result, job.result_header_length)
@@ -188,7 +189,7 @@ async def job_result(request: web.Request) -> web.Response:
 
 async def job_cancel(request: web.Request) -> web.Response:
     jobs = coordinator_of(request).jobs
-    job = await jobs.cancel(request.match_info["job"], request.get(CALLER, ""))
+    job = await jobs.cancel(request.match_info["job"], caller_of(request))
     return json_response(job.public())
 
 

@@ -26,6 +26,7 @@ from appliance.coordinator.inference import InferencePath
 from appliance.coordinator.metrics import CoordinatorMetrics
 from appliance.coordinator.placement import NodeCapacity, Placement, place
 from appliance.coordinator.request_policy import model_cache_policies
+from appliance.coordinator.retry import Retry
 from appliance.coordinator.state import restore_placements, save_placements
 from appliance.errors import DoesNotFit, NoLiveReplica
 from appliance.http.errors import status_of
@@ -84,6 +85,7 @@ class Coordinator:
         )
         self._loading: set[tuple[str, str, int, int]] = set()
         self._replacing: set[str] = set()
+        self._replace_retry: dict[str, Retry] = {}
         self._started = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -281,29 +283,37 @@ class Coordinator:
         self._tasks.append(task)
 
     async def _replace_lost_nodes(self, now: float) -> None:
-        """A node gone longer than replace_after_s gives its spans to live nodes: the model is
-        placed again (the replicas still serving keep serving until the new ones are warm)."""
+        """A node away longer than replace_after_s (since it was last seen or left; since
+        this coordinator started for one never seen) gives its spans to live nodes: the model
+        is placed again, the replicas still serving keep serving until the new ones are warm.
+        A placement that fails is retried with a doubling backoff, logged once per series."""
         grace = self.config.replace_after_s
         if grace <= 0:
             return
         for name, placement in list(self.placements.items()):
-            lost = []
-            for span in placement.spans:
-                for node in span.replicas:
-                    member = self.cluster.members.get(node)
-                    seen = member.last_seen if member is not None else self._started
-                    if now - seen > grace:
-                        lost.append(node)
-            if not lost or name in self._replacing:
+            lost = [
+                node
+                for span in placement.spans
+                for node in span.replicas
+                if (since := self.cluster.gone_since(node, now, self._started)) is not None
+                and now - since > grace
+            ]
+            retry = self._replace_retry.setdefault(name, Retry())
+            if not lost:
+                retry.reset()
+                continue
+            if name in self._replacing or now < retry.next_at:
                 continue
             self._replacing.add(name)
             try:
-                log.warning(
-                    "nodes %s gone for over %.0fs: placing %s again", ", ".join(lost), grace, name
+                retry.say(
+                    f"nodes {', '.join(lost)} gone for over {grace:.0f}s: placing {name} again"
                 )
                 await self.load(name, len(placement.spans), len(placement.spans[0].replicas))
-            except Exception as exc:  # retried on the next pass
-                log.warning("placing %s again failed: %s", name, exc)
+                log.info("%s placed again after %d attempt(s)", name, retry.attempts + 1)
+                retry.reset()
+            except Exception as exc:  # retried after the backoff
+                retry.failed(now, f"placing {name} again failed: {exc}")
             finally:
                 self._replacing.discard(name)
 

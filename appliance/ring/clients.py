@@ -26,7 +26,7 @@ class InternalClients:
 
 def internal_clients(config: ServerConfig, sender: str) -> InternalClients:
     """Made inside the running loop (a cleanup context): aiohttp sessions bind to it."""
-    tls = client_context(config.tls_ca, config.tls_cert, config.tls_key)
+    tls = client_context(config.tls_ca, config.tls_cert, config.tls_key, config.tls_server_name)
     signer = signer_for(config, sender)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ssl=tls),

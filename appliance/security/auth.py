@@ -22,13 +22,33 @@ log = logging.getLogger(__name__)
 
 ROLES = ("infer", "admin")
 OPEN = "open"
-CALLER = web.RequestKey("caller", str)  # the token's fingerprint ("" when auth is off)
 
 
 @dataclass(frozen=True)
 class Token:
     role: str
     secret: bytes
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: its token's fingerprint and role ("" for both when auth is off)."""
+
+    id: str = ""
+    role: str = ""
+
+    def may_see(self, owner: str) -> bool:
+        """Whether a job submitted by ``owner`` is this caller's to read or cancel: its own,
+        any for an admin, and every job when auth is off (nobody owns one then)."""
+        return not owner or owner == self.id or self.role == "admin"
+
+
+ANONYMOUS = Caller()
+CALLER = web.RequestKey("caller", Caller)
+
+
+def caller_of(request: web.Request) -> Caller:
+    return request.get(CALLER, ANONYMOUS)
 
 
 def parse_tokens(entries: list[str], tokens_file: str) -> list[Token]:
@@ -92,20 +112,23 @@ def auth_middleware(
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not tokens:
-            request[CALLER] = ""
+            request[CALLER] = ANONYMOUS
             return await handler(request)
         role = required_role(request.method, request.path, metrics_public)
         if role == OPEN or (signed_internal and request.path.startswith("/internal/")):
-            request[CALLER] = ""
+            request[CALLER] = ANONYMOUS
             return await handler(request)
-        token = authenticate(tokens, request.headers.get("Authorization"))
+        header = request.headers.get("Authorization")
+        token = authenticate(tokens, header)
+        if token is None and header and header.startswith("Bearer "):
+            raise Unauthorized("token not accepted: it matches none of this server's tokens")
         if token is None:
             raise Unauthorized("a bearer token is required: send 'Authorization: Bearer <token>'")
         if role == "admin" and token.role != "admin":
             raise Forbidden(
                 f"{request.path} needs an admin token; this token has role {token.role}"
             )
-        request[CALLER] = fingerprint(token.secret)
+        request[CALLER] = Caller(fingerprint(token.secret), token.role)
         return await handler(request)
 
     return middleware
@@ -120,7 +143,7 @@ def client_limit_middleware(limit: int) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if limit <= 0 or request.path.startswith(("/internal/", "/v2/health/")):
             return await handler(request)
-        client = request.get(CALLER) or request.remote or "-"
+        client = caller_of(request).id or request.remote or "-"
         if in_flight.get(client, 0) >= limit:
             from appliance.errors import TooManyRequests
 

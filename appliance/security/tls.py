@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -30,14 +31,45 @@ def server_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext |
     return context
 
 
-def client_context(ca: str, cert: str = "", key: str = "") -> ssl.SSLContext | bool:
+class _NamedPeers(ssl.SSLContext):
+    """A client context that checks every peer's certificate for one fixed name, whatever
+    host the URL names: members reached at 127.0.0.1 (or by address) that all show a cluster
+    certificate issued for, say, ``ring.internal``. asyncio (so aiohttp and the hop transport
+    alike) opens TLS through ``wrap_bio``, where the name to check is passed."""
+
+    server_name = ""
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        if not kwargs.get("server_side") and self.server_name:
+            kwargs["server_hostname"] = self.server_name
+        return super().wrap_bio(*args, **kwargs)
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # blocking clients
+        if not kwargs.get("server_side") and self.server_name:
+            kwargs["server_hostname"] = self.server_name
+        return super().wrap_socket(*args, **kwargs)
+
+
+def client_context(
+    ca: str, cert: str = "", key: str = "", server_name: str = ""
+) -> ssl.SSLContext | bool:
     """What internal calls verify peers with: the cluster CA, presenting our own certificate
-    (mutual TLS); without a CA, the system's trust store."""
-    if not ca:
+    (mutual TLS); without a CA, the system's trust store. ``server_name``: the name to verify
+    in peers' certificates instead of the URL's host."""
+    if not ca and not server_name:
         return True
-    context = ssl.create_default_context(cafile=ca)
-    if cert and key:
-        context.load_cert_chain(cert, key)
+    context = _NamedPeers(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.server_name = server_name
+    try:
+        if ca:
+            context.load_verify_locations(ca)
+        else:
+            context.load_default_certs()
+        if cert and key:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS files ({ca}, {cert}, {key}): {exc}") from exc
     return context
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from appliance.coordinator.async_jobs import JobRunner
 from appliance.errors import ConfigError
-from appliance.security.auth import OPEN, authenticate, parse_tokens, required_role
+from appliance.security.auth import OPEN, Caller, authenticate, parse_tokens, required_role
 from cache.errors import JobNotFound
 from cache.job import Job
 from cache.job_store import JobStore
@@ -76,6 +76,13 @@ async def test_the_api_asks_for_tokens_and_roles(start_node: StartNode, tmp_path
         assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
         assert "bearer token" in (await r.json())["error"]
     async with client.post(
+        url + "/v2/models/dense/infer",
+        data=body,
+        headers={**headers, **bearer("infer:" + "w" * 32)},
+    ) as r:  # a token was given, and it is wrong: not "a bearer token is required"
+        assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert (await r.json())["error"].startswith("token not accepted")
+    async with client.post(
         url + "/v2/models/dense/infer", data=body, headers={**headers, **bearer(INFER)}
     ) as r:
         assert r.status == 200
@@ -108,18 +115,32 @@ async def test_one_client_cannot_take_every_slot(start_node: StartNode, tmp_path
     assert all(retry is not None for status, retry in results if status == 429)
 
 
-async def test_a_job_is_visible_only_to_the_token_that_submitted_it(tmp_path: Path) -> None:
+async def test_a_job_is_visible_to_the_token_that_submitted_it_and_to_admins(
+    tmp_path: Path,
+) -> None:
+    release = asyncio.Event()
+
     async def run(job: Job) -> tuple[bytes, int | None]:
+        await release.wait()
         return b"ok", None
 
+    alice, mallory = Caller("alice", "infer"), Caller("mallory", "infer")
+    root = Caller("r", "admin")
     runner = JobRunner(JobStore(tmp_path / "jobs"), run, workers=1, ttl_s=60)
     await runner.start()
     try:
-        await runner.submit(Job("j1", "m", None, "queued", time.time(), None, b"", None, "alice"))
-        assert runner.get("j1", "alice").id == "j1"
-        with pytest.raises(JobNotFound):
-            runner.get("j1", "mallory")
-        with pytest.raises(JobNotFound):
-            await runner.cancel("j1", "mallory")
+        for job_id in ("j1", "j2"):
+            job = Job(job_id, "m", None, "queued", time.time(), None, b"", None, "alice")
+            await runner.submit(job)
+        assert runner.get("j1", alice).id == "j1"
+        with pytest.raises(JobNotFound, match="no job 'j1' for this token"):
+            runner.get("j1", mallory)
+        with pytest.raises(JobNotFound, match="no job 'j1' for this token"):
+            await runner.cancel("j1", mallory)
+        with pytest.raises(JobNotFound, match="no job 'nope' for this token"):
+            runner.get("nope", alice)  # the same answer: nobody learns that others' jobs exist
+        assert runner.get("j1", root).id == "j1"  # the admin role means everything
+        assert (await runner.cancel("j2", root)).status == "cancelled"
     finally:
+        release.set()
         await runner.close()

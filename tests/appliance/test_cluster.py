@@ -94,3 +94,19 @@ def test_a_heartbeat_built_before_a_load_does_not_erase_the_span_it_loaded() -> 
     assert cluster.members["a"].holds("m", "d1", 0, 1)
     cluster.heartbeat({**node("a", []), "generation": 2}, now=2)  # an unload since
     assert not cluster.members["a"].holds("m", "d1", 0, 1)
+
+
+def test_a_node_that_left_is_out_of_routes_and_its_gone_clock_starts_at_the_leave() -> None:
+    cluster = Cluster(node_timeout_s=3.0)
+    member = cluster.join(node("a", [(0, 1)]), now=10.0)
+    assert cluster.gone_since("a", 11.0, default=0.0) is None  # live
+    cluster.leave(member, 12.0)
+    assert not cluster.is_live(member, 12.5)
+    assert cluster.gone_since("a", 13.0, default=0.0) == 12.0  # not "since forever"
+    with pytest.raises(NoLiveReplica):  # a node that left is not "worth a try" as a silent one
+        cluster.route("m", "d1", 2, None, 12.5)
+    cluster.heartbeat(node("a", [(0, 1)]), now=12.6)  # one in flight as it left
+    assert not cluster.is_live(cluster.members["a"], 12.7)
+    assert cluster.gone_since("never-seen", 13.0, default=5.0) == 5.0
+    silent = cluster.join(node("b", []), now=20.0)
+    assert cluster.gone_since("b", 30.0, default=0.0) == silent.last_seen == 20.0

@@ -3,6 +3,8 @@ statistics, and placements that cannot fit."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from pathlib import Path
 
@@ -42,6 +44,10 @@ async def test_triton_client_infers_through_two_spans_and_reads_the_statistics(
         assert inference["success"]["count"] == 3 and inference["fail"]["count"] == 0
         assert inference["cache_hit"]["count"] == 1 and inference["cache_miss"]["count"] == 2
         assert inference["compute_infer"]["count"] == 2 and inference["compute_infer"]["ns"] > 0
+        config = await client.get_model_config("dense2")  # Triton's shape, as a node's is
+        assert config["max_batch_size"] == 32
+        assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}]
+        assert config["output"] == [{"name": "y", "data_type": "TYPE_FP32", "dims": [3]}]
         every = await client.get_inference_statistics()
         assert [m["name"] for m in every["model_stats"]] == ["dense2"]
         with pytest.raises(Exception, match="no version '7'"):
@@ -96,3 +102,54 @@ async def test_one_request_id_from_the_coordinators_log_to_every_hop(
         ring.url + "/v2/models/dense2/infer", data=body, headers=headers
     ) as r:
         assert r.status == 200 and r.headers["X-Request-Id"] != headers["X-Request-Id"]
+
+
+async def test_a_stale_placement_is_placed_again_once_after_its_grace_and_logged_once(
+    tmp_path: Path, start_coordinator: StartCoordinator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restarted coordinator whose placements.json names a node that never comes back: it
+    waits replace_after_s from its own start (not "gone since forever"), places the model on
+    the nodes there are, and says so once, not every second."""
+    repo = two_span_repo(tmp_path / "repo")
+    state = tmp_path / "coordinator-0"  # the fixture's state dir of its first coordinator
+    state.mkdir()
+    spans = [
+        {"span": 0, "first": 0, "last": 0, "bytes": 1, "replicas": ["ghost"]},
+        {"span": 1, "first": 1, "last": 1, "bytes": 1, "replicas": ["n1"]},
+    ]
+    (state / "placements.json").write_text(json.dumps({"dense2": {"version": 3, "spans": spans}}))
+    caplog.set_level(logging.INFO, logger="appliance.coordinator")
+    ring = await start_coordinator(repo, nodes=2, replace_after_s=1.5)
+    assert ring.service.placements["dense2"].spans[0].replicas == ("ghost",)
+    await asyncio.sleep(1.0)  # within the grace counted from the coordinator's start
+    assert ring.service.placements["dense2"].version == 3
+    for _ in range(100):
+        if ring.service.placements["dense2"].version == 4:
+            break
+        await asyncio.sleep(0.1)
+    placed = ring.service.placements["dense2"]
+    assert placed.version == 4 and "ghost" not in [n for s in placed.spans for n in s.replicas]
+    await asyncio.sleep(1.5)  # more reconcile passes: nothing more to say
+    gone = [r for r in caplog.records if "gone for over" in r.getMessage()]
+    assert len(gone) == 1, [r.getMessage() for r in gone]
+
+
+async def test_placing_again_that_fails_backs_off_and_says_so_once(
+    tmp_path: Path, start_coordinator: StartCoordinator, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = two_span_repo(tmp_path / "repo")
+    state = tmp_path / "coordinator-0"
+    state.mkdir()
+    spans = [{"span": 0, "first": 0, "last": 1, "bytes": 1, "replicas": ["ghost"]}]
+    (state / "placements.json").write_text(json.dumps({"dense2": {"version": 1, "spans": spans}}))
+    caplog.set_level(logging.INFO, logger="appliance.coordinator")
+    ring = await start_coordinator(
+        repo, nodes=1, replace_after_s=0.5, node_settings={"memory_budget": 1000}
+    )
+    await asyncio.sleep(5.0)
+    failed = [
+        r.getMessage() for r in caplog.records if "placing dense2 again failed" in r.getMessage()
+    ]
+    assert len(failed) == 1 and "cannot place dense2" in failed[0], failed
+    retry = ring.service._replace_retry["dense2"]
+    assert 2 <= retry.attempts <= 4  # 1 s, 2 s, 4 s apart, not one a second

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import onnx
 import pytest
 
 from exporter.demo_model import build_demo_model
-from exporter.errors import ExportError, PackageExists
+from exporter.errors import ExportError, PackageExists, ReducedPrecisionRejected
 from exporter.export import export_model, format_plan, parse_size
 from runtime.manifest import read_manifest
 from runtime.package import load_span, open_package
@@ -110,12 +111,17 @@ def test_bad_sizes_are_refused(text: str) -> None:
         parse_size(text)
 
 
-def test_int8_quantisation_reports_its_error_instead_of_failing(tmp_path: Path) -> None:
-    result = export_model(small_onnx(tmp_path), tmp_path / "repo", "q", quantize="int8")
+def test_int8_is_held_to_its_own_tolerance_and_written_only_within_it_or_forced(
+    tmp_path: Path,
+) -> None:
+    result = export_model(
+        small_onnx(tmp_path), tmp_path / "repo", "q", quantize="int8", reduced_atol=1.0
+    )
     report = result.verification
     assert report["precision"] == "int8"
-    error = report["reduced_vs_whole"]["max_abs_diff"]["last_hidden_state"]
-    assert 0 < error < 1.0  # measured, recorded, not held to the fp32 tolerance
+    reduced = report["reduced_vs_whole"]
+    error = reduced["max_abs_diff"]["last_hidden_state"]
+    assert 1e-4 < error < 1.0 and reduced["atol"] == 1.0 and reduced["accepted"] == "within"
     package = open_package(tmp_path / "repo", "q")
     ops = {
         n.op_type
@@ -123,6 +129,28 @@ def test_int8_quantisation_reports_its_error_instead_of_failing(tmp_path: Path) 
         for n in onnx.load(str(package.folder / s.file)).graph.node
     }
     assert any("Integer" in op or "Quant" in op for op in ops)
+    tight = error / 10
+    with pytest.raises(ReducedPrecisionRejected, match="--reduced-atol"):
+        export_model(small_onnx(tmp_path), tmp_path / "repo", "t", quantize="int8",
+                     reduced_atol=tight)  # fmt: skip
+    assert not (tmp_path / "repo" / "t" / "1").exists()  # nothing written
+    forced = export_model(small_onnx(tmp_path), tmp_path / "repo", "t", quantize="int8",
+                          reduced_atol=tight, force=True)  # fmt: skip
+    assert forced.verification["reduced_vs_whole"]["accepted"] == "forced"
+
+
+def test_the_export_command_prints_the_reduced_error_next_to_its_tolerance(
+    tmp_path: Path,
+) -> None:
+    done = appliance("export", str(small_onnx(tmp_path)), "--model-repo", str(tmp_path / "r"),
+                     "--name", "q", "--quantize", "int8", "--reduced-atol", "5")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "verified: chained fp32 segments vs the whole model" in done.stdout
+    assert re.search(r"int8: max abs diff vs fp32 \{.*\} \(tolerance --reduced-atol 5: within\)",
+                     done.stdout), done.stdout  # fmt: skip
+    refused = appliance("export", str(small_onnx(tmp_path)), "--model-repo", str(tmp_path / "r"),
+                        "--name", "z", "--quantize", "int8", "--reduced-atol", "1e-9")  # fmt: skip
+    assert refused.returncode == 2 and "pass --force to write the package anyway" in refused.stderr
 
 
 def test_fp16_is_written_with_its_measured_error_or_a_note(tmp_path: Path) -> None:

@@ -117,3 +117,36 @@ def test_bad_config_exits_2_with_the_reason(tmp_path: Path) -> None:
         [sys.executable, "-m", "appliance.cli", "node"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2 and "--model-repo" in result.stderr
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_a_missing_repository_is_an_error_at_start(tmp_path: Path) -> None:
+    typo = str(tmp_path / "modles")
+    for command in (
+        ["coordinator", "--model-repo", typo, "--port", "0"],
+        ["node", "--model-repo", typo, "--port", "0"],
+        ["serve", "--model-repo", typo, "--port", "0"],
+    ):
+        result = run_cli(*command, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+        assert result.returncode == 2, (command, result.stderr)
+        assert f"the model repository {typo} does not exist" in result.stderr
+    assert not Path(typo).exists()  # nothing was built in the mistyped folder
+
+
+def test_install_units_refuses_a_memory_limit_systemd_would_ignore(tmp_path: Path) -> None:
+    result = run_cli("install-units", "--prefix", str(tmp_path), "--memory-max", "twelve")
+    assert result.returncode == 2 and "not a systemd memory limit" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    result = run_cli("install-units", "--prefix", str(tmp_path), "--memory-max", "12G")
+    assert result.returncode == 0 and "MemoryMax=12G" in (
+        tmp_path / "appliance-node@.service"
+    ).read_text()

@@ -23,8 +23,8 @@ def openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
 
-def make_pki(folder: Path) -> dict[str, str]:
-    """A throwaway CA and one certificate for 127.0.0.1 signed by it."""
+def make_pki(folder: Path, name: str = "127.0.0.1") -> dict[str, str]:
+    """A throwaway CA and one certificate for ``name`` (an IP or a DNS name) signed by it."""
     ca_key, ca, key, csr, cert = (
         str(folder / n) for n in ("ca.key", "ca.pem", "host.key", "host.csr", "host.pem")
     )
@@ -53,10 +53,11 @@ def make_pki(folder: Path) -> dict[str, str]:
         "-out",
         csr,
         "-subj",
-        "/CN=127.0.0.1",
+        f"/CN={name}",
     )
     ext = folder / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    kind = "IP" if name.replace(".", "").isdigit() else "DNS"
+    ext.write_text(f"subjectAltName={kind}:{name}\nextendedKeyUsage=serverAuth,clientAuth\n")
     openssl(
         "x509",
         "-req",

@@ -48,14 +48,21 @@ def _schemas() -> dict[str, Any]:
             ["name", "version", "ready"], name=_STR, version=_STR, ready={"type": "boolean"}
         ),
         "ModelConfig": _obj(
-            ["name", "platform", "input", "output"],
+            ["name", "platform", "max_batch_size", "input", "output"],
             name=_STR,
             platform=_STR,
             backend=_STR,
-            input={"type": "array", "items": _ref("TensorMetadata")},
-            output={"type": "array", "items": _ref("TensorMetadata")},
+            max_batch_size={"type": "integer", "minimum": 0},
+            input={"type": "array", "items": _ref("ConfigTensor")},
+            output={"type": "array", "items": _ref("ConfigTensor")},
             parameters={"type": "object"},
             placement={"type": "object", "nullable": True},
+        ),
+        "ConfigTensor": _obj(
+            ["name", "data_type", "dims"],
+            name=_STR,
+            data_type={"type": "string", "pattern": "^TYPE_[A-Z0-9]+$"},
+            dims={"type": "array", "items": {"type": "integer", "minimum": -1}},
         ),
         "ModelStatistics": _obj(
             ["model_stats"],
