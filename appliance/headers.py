@@ -10,5 +10,6 @@ REQUEST_ID = "X-Request-Id"
 DEADLINE = "X-Appliance-Deadline"  # absolute, seconds since the epoch
 ROUTE = "X-Appliance-Route"
 SEQUENCE_ID = "X-Appliance-Sequence-Id"  # generation: the sequence whose KV a step extends
-# what a signature covers besides method, path and body: everything that routes a hop
-SIGNED_HEADERS = (MODEL, DIGEST, SPAN, DEADLINE, ROUTE, REQUEST_ID)
+POSITION = "X-Appliance-Position"  # generation: where a step's tokens start in the sequence
+# what a signature covers besides method, path and body: everything that routes a hop or step
+SIGNED_HEADERS = (MODEL, DIGEST, SPAN, DEADLINE, ROUTE, REQUEST_ID, SEQUENCE_ID, POSITION)

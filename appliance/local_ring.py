@@ -27,6 +27,7 @@ from appliance.coordinator.app import build_coordinator_app
 from appliance.coordinator.cluster import Cluster
 from appliance.coordinator.keys import COORDINATOR
 from appliance.coordinator.retry import Retry
+from appliance.coordinator.service import Coordinator
 from appliance.errors import ConfigError
 from appliance.http.server import Listening, Server
 from appliance.sd_notify import notify
@@ -37,11 +38,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LocalRing:
-    nodes: int = 2
-    stages: int = 2
+    nodes: int = 3
+    stages: int = 0  # per model: its package's default_stages, else one span per node
     replicas: int = 1
-    model: str = "demo"
+    models: tuple[str, ...] = ("demo",)
     node_log_level: str = "warning"
+
+
+def local_stages(asked: int, default_stages: int, segments: int, nodes: int) -> tuple[int, str]:
+    """How many spans a model gets on ``appliance serve``, and why (a pure choice): the
+    --stages asked, else the grouping its package records, else one span per local node; never
+    more than its segments (a plain model.onnx is one span, replicated instead)."""
+    if asked:
+        wanted, why = asked, f"--stages {asked}"
+    elif default_stages > 1:
+        wanted, why = default_stages, "its package's default_stages"
+    else:
+        wanted, why = nodes, f"one span per local node ({nodes})"
+    if wanted > segments:
+        return segments, f"{why}, but it has {segments} segment(s)"
+    return wanted, why
 
 
 def node_command(
@@ -170,15 +186,12 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
         await _wait_for_members(coordinator.cluster, ring.nodes, nodes.processes, stop)
         if stop.is_set():
             return 0
-        placement = await coordinator.load(ring.model, ring.stages, ring.replicas)
-        spans = ", ".join(
-            f"segments {s.first}-{s.last} on {'+'.join(s.replicas)}" for s in placement.spans
-        )
-        log.info("%s placed: %s", ring.model, spans)
-        notify(f"STATUS=serving {ring.model} on {ring.nodes} local node(s)")
+        placed = await _place_all(coordinator, ring)
+        notify(f"STATUS=serving {', '.join(placed) or 'nothing'} on {ring.nodes} local node(s)")
         notify("READY=1")
         print(
-            f"appliance listening on {listening.url} (coordinator + {ring.nodes} nodes; {spans})",
+            f"appliance listening on {listening.url} (coordinator + {ring.nodes} nodes; "
+            f"{'; '.join(placed.values()) or 'no model placed: see the log'})",
             flush=True,
         )
         while not stop.is_set():
@@ -190,6 +203,30 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
         return 0
 
     return await server.serve(main)
+
+
+async def _place_all(coordinator: Coordinator, ring: LocalRing) -> dict[str, str]:
+    """Every model, each as it can be placed; one that cannot is logged and skipped: it never
+    keeps the others from being served."""
+    placed: dict[str, str] = {}
+    for name in ring.models:
+        try:
+            entry = coordinator.entry(name)
+            default = len(entry.manifest.default_stages)
+            stages, why = local_stages(ring.stages, default, len(entry.sizes), ring.nodes)
+            replicas = max(1, min(ring.replicas, ring.nodes))
+            if stages == 1 and ring.replicas == 1 and ring.nodes > 1:
+                replicas = ring.nodes  # one span: a replica on every node shares the load
+            placement = await coordinator.load(name, stages, replicas)
+        except Exception as exc:  # typed errors say why; the ring serves the others
+            log.error("%s is not served: %s", name, exc)
+            continue
+        spans = ", ".join(
+            f"segments {s.first}-{s.last} on {'+'.join(s.replicas)}" for s in placement.spans
+        )
+        log.info("%s placed as %d span(s) (%s): %s", name, stages, why, spans)
+        placed[name] = f"{name}: {spans}"
+    return placed
 
 
 async def _wait_for_members(

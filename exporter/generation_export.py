@@ -31,6 +31,7 @@ from exporter.decoder_quantize import (
 from exporter.decoder_verify import (
     ANSWER_TOKENS,
     PERPLEXITY_FILE,
+    Reference,
     agreement,
     load_chain,
     load_prompts,
@@ -84,6 +85,9 @@ class GenerationExportResult:
     verification: dict[str, Any] = field(default_factory=dict)
     generation: GenerationInfo | None = None
     seconds: float = 0.0
+    # PyTorch's greedy answers to the committed prompts (in memory only: what tests compare
+    # served answers with)
+    references: list[Reference] = field(default_factory=list)
 
 
 def export_generation(
@@ -252,6 +256,7 @@ def _export(
         report,
         generation,
         time.perf_counter() - started,
+        refs,
     )
 
 

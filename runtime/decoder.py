@@ -119,6 +119,20 @@ class DecoderSpan:
     def session_count(self) -> int:
         return len(self._stages)
 
+    @property
+    def device(self) -> str:
+        return self._stages[0].session.device
+
+    @property
+    def input_name(self) -> str:
+        """``input_ids`` (first span) or ``hidden.{L}``: the tensor a step's body carries."""
+        return self._stages[0].input_name
+
+    @property
+    def output_name(self) -> str:
+        """``logits`` (last span) or ``hidden.{L'}``, the next span's input."""
+        return self._stages[-1].output_name
+
     def empty_kv(self) -> SequenceKV:
         shape = (1, self.kv_heads, 0, self.head_dim)
         keys = [np.zeros(shape, self.kv_dtype) for _ in range(self.layers)]

@@ -94,6 +94,14 @@ class UnknownSequence(InvalidRequest):
     """A step names a sequence the node holds no KV reservation for (released or expired)."""
 
 
+class UnexpectedPosition(InvalidRequest):
+    """A step at another position than the sequence's KV has reached (a replay, a lost step)."""
+
+
+class SequenceExists(InvalidRequest):
+    """A sequence opened twice on one span."""
+
+
 class KvReservationExceeded(InvalidRequest):
     """A sequence used more KV bytes than it reserved (prompt + max_tokens)."""
 

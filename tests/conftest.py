@@ -104,7 +104,7 @@ async def start_coordinator(tmp_path: Path) -> AsyncIterator[StartCoordinator]:
     async def start(
         repo: Path,
         nodes: int = 2,
-        node_settings: dict[str, Any] | None = None,
+        node_settings: dict[str, Any] | list[dict[str, Any]] | None = None,
         access_log: bool = False,
         **settings: Any,
     ) -> RunningCoordinator:
@@ -130,7 +130,11 @@ async def start_coordinator(tmp_path: Path) -> AsyncIterator[StartCoordinator]:
                 node_id=f"n{index}",
                 cluster_secrets=[secret],
                 heartbeat_interval_s=0.2,
-                **(node_settings or {}),
+                **(
+                    node_settings[index]
+                    if isinstance(node_settings, list)
+                    else (node_settings or {})
+                ),
             )
             node_app = build_node_app(node_config)
             node_runner, node_port = await start_app(node_app, "127.0.0.1", 0, access_log)

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from appliance.config import CoordinatorConfig
 from appliance.coordinator import routes
+from appliance.coordinator.generation.routes import ROUTES as GENERATION_ROUTES
 from appliance.coordinator.keys import COORDINATOR
 from appliance.coordinator.members import INTERNAL_ROUTES
 from appliance.coordinator.service import Coordinator
@@ -51,6 +52,7 @@ PUBLIC_ROUTES = [
     web.get("/v2/jobs/{job}/result", routes.job_result),
     web.delete("/v2/jobs/{job}", routes.job_cancel),
     web.get("/metrics", routes.metrics),
+    *(web.route(method, path, handler) for method, path, handler in GENERATION_ROUTES),
 ]
 
 

@@ -38,6 +38,8 @@ class Member:
     left_at: float | None = None  # it said it was stopping (a planned restart, a shutdown)
     joined_at: float = 0.0
     generation: int = 0  # the node's count of loads and unloads when it reported its spans
+    protocol: int = 1  # what it speaks on /internal (2: generation)
+    kinds: tuple[str, ...] = ("single_pass",)  # the package kinds it can serve
 
     def holds(self, model: str, digest: str, first: int, last: int) -> bool:
         return any(
@@ -70,6 +72,8 @@ class Member:
             "last_seen_s": round(now - self.last_seen, 3),
             "left": self.left_at is not None,
             "spans": [s.__dict__ for s in self.spans],
+            "protocol": self.protocol,
+            "kinds": list(self.kinds),
             "load": self.load,
         }
 
@@ -102,6 +106,8 @@ def parse_member(raw: Any, now: float, ring_index: int) -> Member:
             last_seen=now,
             joined_at=now,
             generation=int(raw.get("generation", 0)),
+            protocol=int(raw.get("protocol", 1)),
+            kinds=tuple(str(k) for k in raw.get("kinds", ["single_pass"])),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadRequest(

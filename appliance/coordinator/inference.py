@@ -19,7 +19,7 @@ from appliance.coordinator.entries import ModelEntry
 from appliance.coordinator.hop_batcher import HopBatcher
 from appliance.coordinator.placement import Placement
 from appliance.coordinator.request_policy import CacheControl
-from appliance.errors import NoLiveReplica
+from appliance.errors import BadRequest, NoLiveReplica
 from appliance.http.logs import current_request_id
 from appliance.http.v2 import deadline_from
 from cache.job import Job
@@ -66,6 +66,11 @@ class InferencePath:
         its header length and the cache outcome (hit, miss or bypass)."""
         c = self.c
         entry, placement = c.placed(name, version)
+        if entry.manifest.is_generation:
+            raise BadRequest(
+                f"model {name} is a generation model: use /v2/models/{name}/generate, "
+                "/v1/completions or /v1/chat/completions"
+            )
         stats = c.model_stats(name, entry.version)
         started = time.perf_counter_ns()
         try:

@@ -44,6 +44,35 @@ class CoordinatorMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
+        self.tokens = Counter(
+            "appliance_generation_tokens",
+            "tokens of generation requests, by kind (prompt, completion)",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "appliance_generation_ttft_seconds",
+            "time to the first token (open, prefill, the first sampled token)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "appliance_generation_inter_token_seconds",
+            "time between two tokens of one sequence",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sequences = Gauge(
+            "appliance_generation_sequences", "sequences being generated", ["model"], registry=r
+        )
+        self.kv_bytes = Gauge(
+            "appliance_kv_bytes",
+            "KV cache of generation on each node (capacity, reserved, used), from heartbeats",
+            ["node", "what"],
+            registry=r,
+        )
         self.hop_latency = Histogram(
             "appliance_hop_seconds",
             "first hop to its answer (the rest of the chain included)",

@@ -211,6 +211,11 @@ async def metrics(request: web.Request) -> web.Response:
         for what in ("entries", "bytes_stored", "hits", "misses", "evictions", "admitted"):
             coordinator.metrics.cache_state.labels(what).set(getattr(stats, what))
         coordinator.metrics.cache_state.labels("degraded").set(1 if stats.degraded else 0)
+    for member in coordinator.cluster.members.values():  # from the nodes' heartbeats
+        for what in ("capacity", "reserved", "used"):
+            value = member.load.get(f"kv_{what}_bytes")
+            if isinstance(value, int | float):
+                coordinator.metrics.kv_bytes.labels(member.node_id, what).set(value)
     return web.Response(
         body=generate_latest(coordinator.metrics.registry),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},

@@ -28,14 +28,16 @@ from appliance.coordinator.placement import NodeCapacity, Placement, place
 from appliance.coordinator.request_policy import model_cache_policies
 from appliance.coordinator.retry import Retry
 from appliance.coordinator.state import restore_placements, save_placements
-from appliance.errors import DoesNotFit, NoLiveReplica
+from appliance.errors import BadRequest, DoesNotFit, NoLiveReplica
 from appliance.http.errors import status_of
 from appliance.ring.clients import InternalClients
 from appliance.ring.hop_client import HopClient, HopSettings
+from appliance.ring.protocol import PeerUrl
 from cache.job_store import JobStore
 from cache.result_cache import ResultCache
 from runtime.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from runtime.stats import ModelStats
+from runtime.text import PackageText
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class Coordinator:
         )
         self.hop_batchers: dict[tuple[str, str], HopBatcher] = {}
         self.stats: dict[tuple[str, str], ModelStats] = {}  # by model and version
+        self.texts: dict[str, PackageText] = {}  # tokenizers and chat templates, by digest
+        self.sequences_on: dict[PeerUrl, int] = {}  # live sequences by first-span node
         self.inference = InferencePath(self)
         self.jobs = JobRunner(
             job_store,
@@ -119,6 +123,23 @@ class Coordinator:
             )
         return entry, placement
 
+    def text_of(self, entry: ModelEntry) -> PackageText:
+        """The package's tokenizer and chat template (read once per digest)."""
+        text = self.texts.get(entry.digest)
+        if text is None:
+            info = entry.manifest.generation
+            if info is None:
+                raise BadRequest(f"model {entry.name} is not a generation model")
+            text = PackageText.open(
+                entry.package.folder,
+                info.tokenizer,
+                info.chat_template,
+                info.bos_token_id,
+                info.eos_token_ids,
+            )
+            self.texts[entry.digest] = text
+        return text
+
     def model_stats(self, name: str, version: str) -> ModelStats:
         return self.stats.setdefault((name, version), ModelStats())
 
@@ -145,6 +166,14 @@ class Coordinator:
         if old is not None and old.digest != entry.digest and self.cache:
             self.cache.drop_digest(old.digest)  # unreachable already: free the space
         live = self.cluster.live(time.monotonic())
+        kind = entry.manifest.kind
+        able = [m for m in live if kind in m.kinds]
+        if live and not able:
+            raise DoesNotFit(
+                f"cannot place {name}: it is a {kind} package and none of the live nodes "
+                f"({', '.join(m.node_id for m in live)}) serves that kind; upgrade them"
+            )
+        live = able
         sizes = {n: e.sizes for n, e in self.models.items()}
         capacities = [
             NodeCapacity(
@@ -163,7 +192,7 @@ class Coordinator:
                 entry.sizes,
                 capacities,
                 replicas or self.config.replicas,
-                stages or self.config.stages or None,
+                stages or self.config.stages or len(entry.manifest.default_stages) or None,
                 version=(previous.version + 1) if previous else 1,
             )
         except DoesNotFit as exc:

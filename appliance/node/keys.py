@@ -10,9 +10,11 @@ from appliance.config import NodeConfig
 from appliance.node.metrics import Metrics
 from appliance.ring.clients import InternalClients
 from appliance.ring.hop_client import HopClient
+from runtime.decoder_slots import DecoderRegistry
 from runtime.registry import ModelRegistry
 
 REGISTRY = web.AppKey("registry", ModelRegistry)
+DECODERS = web.AppKey("decoders", DecoderRegistry)  # the generation spans held
 CONFIG = web.AppKey("config", NodeConfig)
 METRICS = web.AppKey("metrics", Metrics)
 LOADER = web.AppKey("loader", asyncio.Task)

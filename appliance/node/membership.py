@@ -20,9 +20,11 @@ from aiohttp import web
 
 from appliance.config import NodeConfig
 from appliance.http.v2 import json_response
-from appliance.node.keys import CLIENTS, CONFIG, IDENTITY, REGISTRY
+from appliance.node.generation import decoder_status
+from appliance.node.keys import CLIENTS, CONFIG, DECODERS, IDENTITY, REGISTRY
 from appliance.node.spans import coordinator_url
 from appliance.sd_notify import notify
+from runtime.decoder_slots import DecoderRegistry
 from runtime.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -50,27 +52,23 @@ def node_identity(config: NodeConfig) -> dict[str, Any]:
 def member_status(state: Any) -> dict[str, Any]:
     """What a join or heartbeat reports: identity, spans held, load."""
     registry: ModelRegistry = state[REGISTRY]
-    spans = []
-    for loaded in registry.loaded():
-        first, last = loaded.span
-        spans.append(
-            {
-                "model": loaded.name,
-                "version": loaded.version,
-                "digest": loaded.digest,
-                "first": first,
-                "last": last,
-                "ready": True,
-            }
-        )
+    decoders: DecoderRegistry = state[DECODERS]
+    held = [(m.name, m.version, m.digest, *m.span) for m in registry.loaded()]
+    held += [(d.name, d.version, d.digest, d.first, d.last) for d in decoders.slots.values()]
+    spans = [
+        {"model": name, "version": version, "digest": digest, "first": first, "last": last,
+         "ready": True}
+        for name, version, digest, first, last in held
+    ]  # fmt: skip
     return {
         **state[IDENTITY],
         "protocol": PROTOCOL_VERSION,
         "kinds": list(PACKAGE_KINDS),
         "device": next((m.runner.device for m in registry.loaded()), "cpu"),
         "spans": spans,
-        "generation": registry.generation,
+        "generation": registry.generation + decoders.generation,
         "load": {
+            **decoder_status(decoders),
             "queue_depth": sum(m.batcher.queue_depth for m in registry.loaded()),
             "in_flight": sum(m.batcher.outstanding for m in registry.loaded()),
             "ewma_latency_s": max((m.stats.ewma_latency_s for m in registry.loaded()), default=0),
@@ -87,14 +85,18 @@ async def identity(request: web.Request) -> web.Response:
 class _Readiness:
     """READY=1 once, when joined and every assigned span is held; STATUS= on each change."""
 
-    def __init__(self, registry: ModelRegistry, coordinator: str) -> None:
+    def __init__(
+        self, registry: ModelRegistry, decoders: DecoderRegistry, coordinator: str
+    ) -> None:
         self.registry = registry
+        self.decoders = decoders
         self.coordinator = coordinator
         self.ready_sent = False
         self._status = ""
 
     def update(self, joined: bool, assigned: list[dict[str, Any]]) -> None:
         held = {(m.name, m.digest, *m.span) for m in self.registry.loaded()}
+        held |= {(d.name, d.digest, d.first, d.last) for d in self.decoders.slots.values()}
         waiting = [
             f"{a.get('model')} {a.get('first')}-{a.get('last')}"
             for a in assigned
@@ -142,7 +144,7 @@ async def keep_membership(app: web.Application) -> None:
     config = app[CONFIG]
     base = coordinator_url(config.join, bool(config.tls_ca))
     session = app[CLIENTS].session
-    readiness = _Readiness(app[REGISTRY], base)
+    readiness = _Readiness(app[REGISTRY], app[DECODERS], base)
     failures = _FailureSeries()
     joined = False
     backoff = 0.2

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
+import psutil
 from aiohttp import web
 
 from appliance.config import NodeConfig
@@ -29,8 +31,9 @@ from appliance.http.v2 import (
     server_metadata,
     should_compress,
 )
+from appliance.node import generation
 from appliance.node.hops import hop
-from appliance.node.keys import CLIENTS, CONFIG, HOPS, IDENTITY, LOADER, METRICS, REGISTRY
+from appliance.node.keys import CLIENTS, CONFIG, DECODERS, HOPS, IDENTITY, LOADER, METRICS, REGISTRY
 from appliance.node.membership import identity, node_identity
 from appliance.node.metrics import Metrics
 from appliance.node.spans import load_span, unload_span
@@ -38,7 +41,9 @@ from appliance.ring.clients import internal_clients
 from appliance.ring.hop_client import HopClient, HopSettings
 from appliance.sd_notify import notify
 from runtime.codec import decode_checked_request, encode_response, parse_header_length
+from runtime.decoder_slots import DecoderRegistry
 from runtime.errors import ModelNotFound, RuntimeFailure
+from runtime.memory import span_need
 from runtime.package import list_repository
 from runtime.registry import ModelRegistry
 
@@ -58,6 +63,9 @@ async def health_ready(request: web.Request) -> web.Response:
 
 async def model_metadata(request: web.Request) -> web.Response:
     name, version = model_ref(request)
+    slot = request.config_dict[DECODERS].slots.get(name)
+    if slot is not None and version in (None, slot.version):  # a generation span held here
+        return json_response(generation.slot_metadata(slot, name))
     return json_response(request.config_dict[REGISTRY].get(name, version).metadata())
 
 
@@ -69,6 +77,9 @@ async def model_ready(request: web.Request) -> web.Response:
 
 async def model_config(request: web.Request) -> web.Response:
     name, version = model_ref(request)
+    slot = request.config_dict[DECODERS].slots.get(name)
+    if slot is not None and version in (None, slot.version):
+        return json_response(generation.slot_config(slot, name))
     return json_response(request.config_dict[REGISTRY].get(name, version).config())
 
 
@@ -172,6 +183,7 @@ INTERNAL_ROUTES = [
     web.post("/load", load_span),
     web.post("/unload", unload_span),
     web.get("/identity", identity),
+    *generation.INTERNAL_ROUTES,
 ]
 
 
@@ -223,6 +235,23 @@ async def _ring_clients(app: web.Application) -> AsyncIterator[None]:
 async def _registry(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[REGISTRY].close()  # in-flight batches drain (bounded by drain_timeout_s)
+    app[DECODERS].close()
+
+
+def _kv_capacity(config: NodeConfig, registry: ModelRegistry) -> Callable[[list[Any]], int]:
+    """What the memory budget leaves for KV once the spans held are paid for (each as
+    placement counts it), or the configured kv_budget_bytes."""
+
+    def capacity(slots: list[Any]) -> int:
+        if config.kv_budget_bytes:
+            return config.kv_budget_bytes
+        budget = config.memory_budget or psutil.virtual_memory().available
+        held = [sum(s.bytes for s in m.package.segments[m.span[0] : m.span[1] + 1])
+                for m in registry.loaded()]  # fmt: skip
+        held += [sum(s.bytes for s in d.package.segments[d.first : d.last + 1]) for d in slots]
+        return budget - sum(span_need(b) for b in held)
+
+    return capacity
 
 
 def build_node_app(config: NodeConfig) -> web.Application:
@@ -236,6 +265,12 @@ def build_node_app(config: NodeConfig) -> web.Application:
     app = new_app(config, INTERNAL_ROUTES)
     app[CONFIG] = config
     app[REGISTRY] = registry
+    app[DECODERS] = DecoderRegistry(
+        Path(config.model_repo),
+        config.session_settings(),
+        _kv_capacity(config, registry),
+        config.kv_idle_ttl_s,
+    )
     app[METRICS] = Metrics(registry.loaded)
     app[IDENTITY] = node_identity(config)
     registry.observe = app[METRICS].observe_batch
@@ -257,4 +292,5 @@ def build_node_app(config: NodeConfig) -> web.Application:
     app.cleanup_ctx.append(_registry)
     app.cleanup_ctx.append(_ring_clients)
     app.cleanup_ctx.append(_local_models)
+    app.cleanup_ctx.append(generation.expire_forever)
     return app

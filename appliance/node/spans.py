@@ -16,10 +16,12 @@ from aiohttp.helpers import ChainMapProxy
 
 from appliance.errors import BadRequest
 from appliance.http.v2 import json_response, read_json_object
-from appliance.node.keys import CLIENTS, CONFIG, REGISTRY
+from appliance.node.keys import CLIENTS, CONFIG, DECODERS, REGISTRY
 from appliance.ring import protocol as rp
+from runtime.decoder_slots import DecoderSlot
 from runtime.errors import ModelLoadError
 from runtime.manifest import Manifest, read_manifest, segment_hash, write_manifest
+from runtime.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,12 @@ async def load_span(request: web.Request) -> web.Response:
     repo = Path(state[CONFIG].model_repo)
     folder = repo / manifest.name / str(manifest.version)
     await _ensure_files(state, folder, manifest, first, last)
-    loaded = await state[REGISTRY].load(
-        manifest.name, manifest.version, (first, last), rp.slot_name(manifest.name, first, last)
-    )
+    slot = rp.slot_name(manifest.name, first, last)
+    loaded: LoadedModel | DecoderSlot
+    if manifest.is_generation:  # a decoder span: sequences with KV, not a batcher
+        loaded = await state[DECODERS].load(manifest.name, manifest.version, first, last, slot)
+    else:
+        loaded = await state[REGISTRY].load(manifest.name, manifest.version, (first, last), slot)
     if loaded.digest != manifest.digest:
         raise ModelLoadError(
             f"{folder} has digest {loaded.digest} but the coordinator sent {manifest.digest}"
@@ -55,7 +60,7 @@ async def load_span(request: web.Request) -> web.Response:
         {
             "slot": rp.slot_name(manifest.name, first, last),
             "ready": True,
-            "generation": state[REGISTRY].generation,
+            "generation": state[REGISTRY].generation + state[DECODERS].generation,
             "rss": psutil.Process().memory_info().rss,
         }
     )
@@ -67,7 +72,11 @@ async def unload_span(request: web.Request) -> web.Response:
         slot = rp.slot_name(str(raw["model"]), int(raw["first"]), int(raw["last"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise BadRequest(f"unload needs model, first and last: {exc}") from exc
-    await request.config_dict[REGISTRY].unload(slot)
+    state = request.config_dict
+    if slot in state[DECODERS].slots:
+        state[DECODERS].unload(slot)  # its live sequences end: the coordinator moved them
+    else:
+        await state[REGISTRY].unload(slot)
     return json_response({"slot": slot, "unloaded": True})
 
 

@@ -29,6 +29,7 @@ from runtime.decoder import load_decoder_span
 from runtime.manifest import read_manifest
 from runtime.package import open_package
 from runtime.session import SessionSettings
+from tests.support.smollm2 import smollm2_export
 from tests.support.tiny_llm import LAYERS, make_tiny_llama_folder
 
 SETTINGS = SessionSettings(device="cpu", intra_op_threads=1)
@@ -190,12 +191,8 @@ def test_smollm2_is_found_or_named_with_its_install_command() -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_exports_verifies_and_answers_paris(tmp_path: Path) -> None:
-    try:
-        smollm2_gguf()
-    except SourceError as exc:
-        pytest.skip(str(exc))
-    result = export_generation("smollm2", tmp_path, "smollm2", stages=3, progress=io.StringIO())
+def test_smollm2_exports_verifies_and_answers_paris() -> None:
+    result = smollm2_export()  # exported once per test process; the serving tests reuse it
     assert result.folder is not None
     manifest = read_manifest(result.folder)
     assert len(manifest.segments) == 30 and len(manifest.default_stages) == 3
@@ -211,7 +208,7 @@ def test_smollm2_exports_verifies_and_answers_paris(tmp_path: Path) -> None:
         "<|im_start|>assistant\n"
     )
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    package = open_package(tmp_path, "smollm2")
+    package = open_package(result.folder.parent.parent, "smollm2")
     spans = [load_decoder_span(package, SETTINGS, a, b) for a, b in manifest.default_stages]
     answer = tokenizer.decode(greedy(DecoderChain(spans), ids, 16, info.eos_token_ids))
     assert "Paris" in answer, answer

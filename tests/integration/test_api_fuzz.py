@@ -38,11 +38,13 @@ from appliance.http.body import decompress
 from runtime.codec import encode_request
 from tests.integration.test_ring import SMALL, make_repo
 from tests.support.harness import Ring, http
+from tests.support.tiny_llm import shared_tiny_package
 
 pytestmark = pytest.mark.slow
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 MODEL = "demo"
+LLM = "tiny-llm"  # a tiny generation model: fuzzing reaches the token loop
 HEADER = "Inference-Header-Content-Length"
 JSON = "application/json"
 EXAMPLES = 40  # per operation and strategy: both tests take under a minute on 2 cores
@@ -152,6 +154,46 @@ def explore(strategy: st.SearchStrategy[T], examples: int, run: Callable[[T], No
         property_()
 
 
+def well_formed_generation(
+    operation: schemathesis.APIOperation,
+) -> st.SearchStrategy[schemathesis.Case]:
+    """Completions, chats and Triton generate requests for the tiny model: sampling fields in
+    range and out of it, short and empty prompts, streamed or not, within the token cap."""
+    text = st.text(max_size=30)
+    sampling = st.fixed_dictionaries(
+        {},
+        optional={
+            "max_tokens": st.integers(-2, 12),
+            "temperature": st.one_of(st.floats(0, 2), st.just(-1.0)),
+            "top_p": st.floats(0, 1.5),
+            "top_k": st.integers(-1, 50),
+            "seed": st.integers(0, 2**63 - 1),
+            "stop": st.one_of(st.none(), text, st.lists(text, max_size=5)),
+            "ignore_eos": st.booleans(),
+        },
+    )
+    if operation.path.startswith("/v2/models/"):
+        body = st.builds(lambda t, p: {"text_input": t, "parameters": p}, text, sampling)
+        path = {"model": LLM}
+    else:
+        chat = operation.path.endswith("/chat/completions")
+        turn = st.fixed_dictionaries(
+            {"role": st.sampled_from(["system", "user", "assistant", "robot"]), "content": text}
+        )
+        prompt = st.lists(turn, min_size=0, max_size=3) if chat else text
+        streaming = st.fixed_dictionaries({}, optional={"stream": st.booleans()})
+        body = st.builds(
+            lambda p, s, f: {"model": LLM, "messages" if chat else "prompt": p, **s, **f},
+            prompt,
+            sampling,
+            streaming,
+        )
+        path = {}
+    return body.flatmap(
+        lambda b: operation.as_strategy(path_parameters=path, body=b, media_type=JSON)
+    )
+
+
 def well_formed_infer(
     operation: schemathesis.APIOperation, path: dict[str, str]
 ) -> st.SearchStrategy[schemathesis.Case]:
@@ -257,8 +299,13 @@ def fuzz(
         modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
         found = [(op.as_strategy(generation_mode=mode), examples) for mode in modes]
         names = {p.name for p in op.path_parameters}
+        generation = op.path.endswith(("/generate", "/generate_stream", "/completions"))
+        if generation:
+            found.append((well_formed_generation(op), examples // 2))
         if "model" in names and "/repository/" not in op.path:
             pinned = {k: v for k, v in placed.items() if k in names}
+            if generation:
+                pinned = {"model": LLM}
             for mode in modes:
                 found.append(
                     (op.as_strategy(generation_mode=mode, path_parameters=pinned), examples)
@@ -305,8 +352,10 @@ def report(tally: Tally, took: float) -> str:
 
 
 def start(tmp_path: Path, coordinator: list[str], node: list[str]) -> Ring:
-    ring = Ring(tmp_path, make_repo(tmp_path / "repo"))
-    ring.start_coordinator(*coordinator)
+    repo = make_repo(tmp_path / "repo")
+    (repo / LLM).symlink_to(shared_tiny_package() / LLM)  # read-only, exported once
+    ring = Ring(tmp_path, repo)
+    ring.start_coordinator(*coordinator, "--max-tokens-limit", "16")  # short answers: fast
     ring.start_node("a", *node)
     return ring
 
@@ -327,6 +376,7 @@ def open_ring(tmp_path: Path) -> Iterator[Ring]:
     try:
         ring.wait_members(1)
         ring.load(MODEL, stages=1, replicas=1)
+        ring.load(LLM, stages=1, replicas=1)
         ring.wait_ready()
         yield ring
     finally:
@@ -341,6 +391,8 @@ def test_fuzzing_every_operation_finds_no_server_error(open_ring: Ring) -> None:
     assert tally.server_errors == 0
     assert tally.statuses[200] and tally.statuses[202] and tally.statuses[400]
     assert tally.by_operation["GET /v2/jobs/{job}/result", 200], "no job result was fetched"
+    for route in ("/v1/completions", "/v1/chat/completions", "/v2/models/{model}/generate"):
+        assert tally.by_operation[f"POST {route}", 200], f"no generation reached by {route}"
     still_serving(open_ring)
 
 
@@ -359,6 +411,13 @@ def test_fuzzing_with_auth_on_answers_401_and_403_as_documented(tmp_path: Path) 
             if load.status_code == 200:
                 break
             time.sleep(0.2)
+        load = requests.post(
+            f"{ring.url}/v2/repository/models/{LLM}/load",
+            json={"parameters": {"stages": 1}},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+            timeout=60,
+        )
+        assert load.status_code == 200, load.text
         ring.wait_ready()
         roles = {"admin": ADMIN, "infer": USER, "wrong": "w" * 32}
         # mostly tokens that pass, so that the fuzzing behind auth is reached too

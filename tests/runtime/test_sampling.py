@@ -35,14 +35,17 @@ def kept_probabilities(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
     """The reference: full stable sort, top-k, then the nucleus; probabilities over the vocab."""
     z = (logits - logits.max()) / p.temperature
     order = np.argsort(-z, kind="stable")  # descending, lowest id first among ties
-    if p.top_k > 0:
+    restricted = 0 < p.top_k < z.size
+    if restricted:
         order = order[: p.top_k]
+    if p.top_p < 1:
+        # the nucleus with the runtime's float steps (a boundary token is in or out alike):
+        # kept while the mass ranked above it is below top_p
+        log_norm = np.log(np.sum(np.exp(z[order] if restricted else z)))
+        cumulative = np.cumsum(np.exp(z[order] - log_norm))
+        order = order[: min(int(np.searchsorted(cumulative, p.top_p)) + 1, order.size)]
     mass = np.exp(z[order])
     mass /= mass.sum()
-    if p.top_p < 1:
-        before = np.cumsum(mass) - mass  # the mass ranked above each token
-        keep = max(1, int(np.count_nonzero(before < p.top_p)))
-        order, mass = order[:keep], mass[:keep] / mass[:keep].sum()
     probabilities = np.zeros(logits.size)
     probabilities[order] = mass
     return probabilities

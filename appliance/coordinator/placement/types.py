@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
-DEFAULT_OVERHEAD = 1.15
-DEFAULT_FIXED_OVERHEAD = 150 * 2**20
+from runtime.memory import DEFAULT_FIXED_OVERHEAD, DEFAULT_OVERHEAD, ratio, span_need
+
+__all__ = ["DEFAULT_FIXED_OVERHEAD", "DEFAULT_OVERHEAD", "ratio", "span_need"]
 
 
 @dataclass(frozen=True)
@@ -55,21 +54,3 @@ class Placement:
                 for s in self.spans
             ],
         }
-
-
-def span_need(
-    span_bytes: int,
-    overhead: float = DEFAULT_OVERHEAD,
-    fixed_overhead: int = DEFAULT_FIXED_OVERHEAD,
-) -> int:
-    """Bytes of node memory a span of `span_bytes` needs: ceil(overhead * bytes) + fixed.
-
-    The overhead is taken as the decimal it is written as (1.15 = 23/20), so the result is exact
-    and the same everywhere it is computed.
-    """
-    return math.ceil(ratio(overhead) * span_bytes) + fixed_overhead
-
-
-def ratio(overhead: float) -> Fraction:
-    """The overhead as the decimal it is written as (1.15 = 23/20): exact everywhere."""
-    return Fraction(repr(float(overhead)))

@@ -37,8 +37,10 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {JSON: {"schema": schema}}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(s): {"$ref": f"#/components/responses/E{s}"} for s in statuses}
+def _errors(*statuses: int, prefix: str = "E") -> dict[str, Any]:
+    """References to the shared error answers: E (``{"error": "..."}``) or, on the
+    OpenAI-compatible routes, O (``{"error": {"message", "type", "param", "code"}}``)."""
+    return {str(s): {"$ref": f"#/components/responses/{prefix}{s}"} for s in statuses}
 
 
 def _path(*names: str) -> list[dict[str, Any]]:
@@ -58,6 +60,7 @@ def _op(
     headers: list[dict[str, Any]] | None = None,
     body: dict[str, Any] | None = None,
     accepted: dict[str, Any] | None = None,
+    errors_as: str = "E",
 ) -> dict[str, Any]:
     """One operation; ``role`` adds the auth answers (none for open paths, 403 for admin ones)
     and 429 from the per-client limit (every path but health)."""
@@ -74,7 +77,7 @@ def _op(
     op["responses"] = {
         "200": ok,
         **({"202": accepted} if accepted else {}),
-        **_errors(*sorted({*errors, *extra})),
+        **_errors(*sorted({*errors, *extra}), prefix=errors_as),
     }
     return op
 
@@ -84,7 +87,10 @@ def _ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _obj(required: list[str], **properties: Any) -> dict[str, Any]:
-    return {"type": "object", "required": required, "properties": properties}
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:  # OpenAPI 3.0 takes no empty list here
+        schema = {"type": "object", "required": required, "properties": properties}
+    return schema
 
 
 _STR = {"type": "string"}
@@ -96,13 +102,14 @@ _OPTIONAL_JSON = {
 
 def _responses() -> dict[str, Any]:
     responses: dict[str, Any] = {}
-    for status, why in _WHY.items():
-        response: dict[str, Any] = {"description": why, "content": _json(_ref("Error"))}
-        if status in (429, 503):
-            response["headers"] = _RETRY_AFTER
-        if status == 401:
-            response["headers"] = {
-                "WWW-Authenticate": {"required": True, "schema": {"type": "string"}}
-            }
-        responses[f"E{status}"] = response
+    for prefix, schema in (("E", "Error"), ("O", "OpenAIError")):
+        for status, why in _WHY.items():
+            response: dict[str, Any] = {"description": why, "content": _json(_ref(schema))}
+            if status in (429, 503):
+                response["headers"] = _RETRY_AFTER
+            if status == 401:
+                response["headers"] = {
+                    "WWW-Authenticate": {"required": True, "schema": {"type": "string"}}
+                }
+            responses[f"{prefix}{status}"] = response
     return responses

@@ -21,6 +21,7 @@ from appliance.http.openapi.common import (
     _ref,
     _responses,
 )
+from appliance.http.openapi.generation import generation_paths, generation_schemas
 from appliance.http.openapi.models import _model_paths
 from appliance.http.openapi.schemas import _schemas
 from runtime.codec import HEADER_LENGTH
@@ -168,11 +169,11 @@ def openapi_document() -> dict[str, Any]:
             "token (admin for the repository, cluster and metrics); with none, auth is off.",
         },
         "security": [{"bearer": []}],
-        "paths": paths,
+        "paths": {**paths, **generation_paths()},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "responses": _responses(),
-            "schemas": _schemas(),
+            "schemas": {**_schemas(), **generation_schemas()},
         },
     }
 

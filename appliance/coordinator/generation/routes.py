@@ -1,0 +1,197 @@
+"""Generation routes: Triton's generate extension and the OpenAI-compatible API, streamed as
+server-sent events or answered whole. Handlers parse, call the token loop, serialise."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from appliance.coordinator.generation import shapes
+from appliance.coordinator.generation.requests import (
+    GenerationRequest,
+    chat_request,
+    completion_request,
+    triton_request,
+)
+from appliance.coordinator.generation.run import Chunk, GenerationRun
+from appliance.coordinator.inference import request_id
+from appliance.coordinator.keys import coordinator_of
+from appliance.coordinator.service import Coordinator
+from appliance.errors import BadRequest
+from appliance.http.errors import openai_error, status_of
+from appliance.http.v2 import json_response, read_json_object
+from runtime.errors import ModelNotFound
+
+
+def _start(coordinator: Coordinator, request: GenerationRequest) -> GenerationRun:
+    entry, placement = coordinator.placed(request.model)
+    if not entry.manifest.is_generation:
+        raise BadRequest(
+            f"model {request.model} is a single-pass model: use /v2/models/{request.model}/infer"
+        )
+    return GenerationRun(
+        coordinator, entry, placement, coordinator.text_of(entry), request, request_id()
+    )
+
+
+def _defaults(coordinator: Coordinator, name: str) -> dict[str, Any]:
+    entry = coordinator.entry(name)
+    info = entry.manifest.generation
+    if info is None:
+        raise BadRequest(
+            f"model {name} is a single-pass model: it takes /v2/models/{name}/infer, not "
+            "generation requests"
+        )
+    return dict(info.defaults)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    return await read_json_object(request)
+
+
+async def _collect(run: GenerationRun) -> tuple[str, str | None]:
+    text, finish = [], None
+    async for chunk in run.chunks():
+        text.append(chunk.text)
+        finish = chunk.finish_reason or finish
+    return "".join(text), finish
+
+
+async def _sse(
+    request: web.Request,
+    run: GenerationRun,
+    event: Callable[[Chunk], dict[str, Any] | None],
+    last: Callable[[], list[dict[str, Any]]] = list,
+    done: bool = True,
+) -> web.StreamResponse:
+    """Stream a run as server-sent events: one ``data:`` line per chunk; an error after the
+    answer started is sent as an event (the status is gone by then)."""
+    chunks = run.chunks()
+    first = await anext(chunks, None)  # errors before the first token are answered as such
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+
+    async def send(payload: dict[str, Any]) -> None:
+        await response.write(b"data: " + orjson.dumps(payload) + b"\n\n")
+
+    try:
+        if first is not None:
+            if (payload := event(first)) is not None:
+                await send(payload)
+            async for chunk in chunks:
+                if (payload := event(chunk)) is not None:
+                    await send(payload)
+        for payload in last():
+            await send(payload)
+    except Exception as exc:  # the client sees why its stream ended early
+        await send(_stream_error(request, exc))
+    if done:
+        await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+def _stream_error(request: web.Request, exc: Exception) -> dict[str, Any]:
+    status = status_of(exc) or 500
+    if request.path.startswith("/v1/"):
+        return openai_error(status, str(exc), getattr(exc, "param", None))
+    return {"error": str(exc)}
+
+
+# --- Triton's generate extension -----------------------------------------------------------
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    coordinator = coordinator_of(request)
+    name = request.match_info["model"]
+    body = await _body(request)
+    stream = request.path.endswith("/generate_stream")
+    limit = coordinator.config.max_tokens_limit
+    parsed = triton_request(name, body, limit, _defaults(coordinator, name), stream)
+    run = _start(coordinator, parsed)
+    head = {"model_name": name, "model_version": run.entry.version}
+    if not stream:
+        text, _ = await _collect(run)
+        return json_response({**head, "text_output": text})
+    return await _sse(request, run, lambda c: {**head, "text_output": c.text}, done=False)
+
+
+# --- OpenAI-compatible -----------------------------------------------------------------------
+
+
+async def models(request: web.Request) -> web.Response:
+    coordinator = coordinator_of(request)
+    served = []
+    for name in sorted(coordinator.placements):
+        try:
+            entry = coordinator.entry(name)
+        except ModelNotFound:
+            continue
+        if entry.manifest.is_generation:
+            created = int(entry.package.folder.stat().st_mtime)
+            served.append(shapes.model_card(name, created))
+    return json_response({"object": "list", "data": served})
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _openai(request, completion_request, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _openai(request, chat_request, chat=True)
+
+
+Parser = Callable[[dict[str, Any], int, dict[str, Any]], GenerationRequest]
+
+
+async def _openai(request: web.Request, parse: Parser, chat: bool) -> web.StreamResponse:
+    coordinator = coordinator_of(request)
+    body = await _body(request)
+    name = body.get("model")
+    if isinstance(name, str) and name:
+        try:
+            coordinator.entry(name)
+        except ModelNotFound as exc:
+            raise ModelNotFound(f"the model {name!r} does not exist: {exc}") from exc
+        defaults = _defaults(coordinator, name)
+    else:
+        defaults = {}
+    parsed = parse(body, coordinator.config.max_tokens_limit, defaults)
+    run = _start(coordinator, parsed)
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if not parsed.stream:
+        text, finish = await _collect(run)
+        return json_response(
+            shapes.completion(ident, created, parsed.model, text, finish, run.usage, chat)
+        )
+    first = [True]
+
+    def event(chunk: Chunk) -> dict[str, Any] | None:
+        payload = shapes.chunk(ident, created, parsed.model, chunk, chat, first[0])
+        first[0] = False
+        return payload
+
+    def last() -> list[dict[str, Any]]:
+        if not parsed.include_usage:
+            return []
+        return [shapes.usage_chunk(ident, created, parsed.model, run.usage, chat)]
+
+    return await _sse(request, run, event, last)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("POST", "/v2/models/{model}/generate", generate),
+    ("POST", "/v2/models/{model}/generate_stream", generate),
+    ("GET", "/v1/models", models),
+    ("POST", "/v1/completions", completions),
+    ("POST", "/v1/chat/completions", chat_completions),
+]

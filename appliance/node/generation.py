@@ -1,0 +1,212 @@
+"""A node's part in generation: open, step and close the sequences of the generation spans it
+holds, each call nested along the sequence's pinned route (``appliance.ring.sequences``).
+
+Only the first span's input ids and hidden states cross between nodes; the last span samples
+and answers the token id and its logprob, which travel back up the chain unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from aiohttp.helpers import ChainMapProxy
+
+from appliance.errors import BadRequest, DigestMismatch
+from appliance.http.body import read_body
+from appliance.http.v2 import json_response, read_json_object
+from appliance.node.keys import CLIENTS, CONFIG, DECODERS
+from appliance.ring import protocol as rp
+from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain
+from runtime.codec import decode_request, encode_request, parse_header_length
+from runtime.decoder_slots import DecoderRegistry, DecoderSlot
+from runtime.errors import ModelNotFound
+from runtime.sampling import sampling_params
+
+log = logging.getLogger(__name__)
+
+
+def _held(registry: DecoderRegistry, request: web.Request) -> tuple[DecoderSlot, SequenceRef]:
+    model = request.headers.get(rp.MODEL, "")
+    digest = request.headers.get(rp.DIGEST, "")
+    first, last = rp.parse_span(request.headers.get(rp.SPAN))
+    sequence_id = request.headers.get(rp.SEQUENCE_ID, "")
+    if not sequence_id:
+        raise BadRequest(f"a sequence call needs {rp.SEQUENCE_ID}")
+    try:
+        slot = registry.get(rp.slot_name(model, first, last))
+    except ModelNotFound:
+        raise DigestMismatch(
+            f"this node holds no generation span {first}-{last} of {model}; the route is stale"
+        ) from None
+    if slot.digest != digest:
+        raise DigestMismatch(
+            f"this node holds {model} segments {first}-{last} with digest {slot.digest}, the "
+            f"call asked for {digest}"
+        )
+    ref = SequenceRef(model, digest, sequence_id, request.headers.get(rp.REQUEST_ID, "-"))
+    return slot, ref
+
+
+def _route(request: web.Request) -> tuple[list[rp.RouteStep], Any]:
+    return (
+        rp.decode_route(request.headers.get(rp.ROUTE)),
+        rp.parse_deadline(request.headers.get(rp.DEADLINE)),
+    )
+
+
+def _post(state: ChainMapProxy) -> Any:
+    return state[CLIENTS].hop
+
+
+async def sequence_open(request: web.Request) -> web.Response:
+    state = request.config_dict
+    slot, ref = _held(state[DECODERS], request)
+    route, deadline = _route(request)
+    body = await request.read()
+    raw = await read_json_object(request)
+    reserve = raw.get("reserve")
+    if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 1:
+        raise BadRequest(f"open needs reserve: a positive number of tokens, got {reserve!r}")
+    sampling = None
+    if slot.span.is_last:
+        sampling = sampling_params(raw.get("sampling") or {}, slot.span.info.defaults)
+    slot.open(ref.sequence_id, reserve, sampling, time.monotonic())
+    try:
+        if route:
+            await call_chain(_post(state), OPEN, route, ref, deadline, body)
+    except BaseException:
+        slot.close(ref.sequence_id)  # the others before it release theirs the same way
+        raise
+    return json_response({"opened": True})
+
+
+async def step(request: web.Request) -> web.Response:
+    state = request.config_dict
+    slot, ref = _held(state[DECODERS], request)
+    route, deadline = _route(request)
+    try:
+        position = int(request.headers.get(rp.POSITION, ""))
+    except ValueError:
+        raise BadRequest(f"a step needs {rp.POSITION}: the position of its first token") from None
+    body = await read_body(request, state[CONFIG].max_body_bytes)
+    decoded = decode_request(
+        body,
+        parse_header_length(request.headers.get(rp.HEADER_LENGTH), len(body)),
+        state[CONFIG].max_tensor_elements,
+    )
+    inputs = decoded.inputs.get(slot.span.input_name)
+    if inputs is None:
+        raise BadRequest(
+            f"a step of segments {slot.first}-{slot.last} carries {slot.span.input_name}, got "
+            f"{', '.join(decoded.inputs) or 'nothing'}"
+        )
+    result = await slot.step(ref.sequence_id, position, inputs, time.monotonic())
+    if result.hidden is None:
+        return json_response({"token": result.token, "logprob": result.logprob})
+    if not route:
+        raise BadRequest(f"segments {slot.first}-{slot.last} are not the last: a route is needed")
+    payload, length = encode_request({slot.span.output_name: result.hidden})
+    answer = await call_chain(_post(state), STEP, route, ref, deadline, payload, position, length)
+    return web.Response(body=answer, content_type="application/json")
+
+
+async def sequence_close(request: web.Request) -> web.Response:
+    """Free the sequence here and on every later span; a node that is gone frees it by its
+    TTL, so a failure downstream is logged, not raised."""
+    state = request.config_dict
+    route, deadline = _route(request)
+    closed = False
+    try:
+        slot, ref = _held(state[DECODERS], request)
+        closed = slot.close(ref.sequence_id)
+    except DigestMismatch:
+        sequence_id = request.headers.get(rp.SEQUENCE_ID, "")
+        ref = SequenceRef(request.headers.get(rp.MODEL, ""), request.headers.get(rp.DIGEST, ""),
+                          sequence_id, request.headers.get(rp.REQUEST_ID, "-"))  # fmt: skip
+    if route:
+        try:
+            await call_chain(_post(state), CLOSE, route, ref, deadline, b"{}")
+        except Exception as exc:
+            log.info("closing sequence %s downstream: %s", ref.sequence_id, exc)
+    return json_response({"closed": closed})
+
+
+INTERNAL_ROUTES = [
+    web.post("/sequence/open", sequence_open),
+    web.post("/step", step),
+    web.post("/sequence/close", sequence_close),
+]
+
+
+async def expire_forever(app: web.Application) -> AsyncIterator[None]:
+    """Free the KV of sequences nobody steps any more (their coordinator or client is gone)."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(min(5.0, app[CONFIG].kv_idle_ttl_s / 4))
+            app[DECODERS].expire()
+
+    task = asyncio.get_running_loop().create_task(loop())
+    yield
+    task.cancel()
+
+
+def slot_metadata(slot: DecoderSlot, name: str) -> dict[str, Any]:
+    """A generation span's model metadata on its node (its part of the model, as a slot)."""
+    span = slot.span
+    return {
+        "name": name,
+        "versions": [slot.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": span.input_name, "datatype": "INT64" if span.is_first else "FP32",
+                    "shape": [-1, -1] if span.is_first else [-1, -1, span.info.hidden_size]}],
+        "outputs": [{"name": span.output_name, "datatype": "FP32",
+                     "shape": [-1, span.info.vocab_size] if span.is_last
+                     else [-1, -1, span.info.hidden_size]}],
+        "parameters": {
+            "digest": slot.digest,
+            "device": span.device,
+            "segments": slot.last - slot.first + 1,
+            "sessions": span.session_count,
+            "kind": "generation",
+            "sequences": len(slot.sequences),
+        },
+    }  # fmt: skip
+
+
+def slot_config(slot: DecoderSlot, name: str) -> dict[str, Any]:
+    """Its configuration in Triton's shape: sequences, not batches, so max_batch_size 0."""
+    meta = slot_metadata(slot, name)
+    tensors = [
+        {"name": t["name"], "data_type": f"TYPE_{t['datatype']}", "dims": t["shape"]}
+        for t in (*meta["inputs"], *meta["outputs"])
+    ]
+    return {
+        "name": name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "max_batch_size": 0,
+        "input": tensors[:1],
+        "output": tensors[1:],
+        "instance_group": [
+            {"count": 1, "kind": "KIND_GPU" if slot.span.device == "cuda" else "KIND_CPU"}
+        ],
+        "parameters": {"digest": {"string_value": slot.digest}},
+    }
+
+
+def decoder_status(registry: DecoderRegistry) -> dict[str, Any]:
+    """What heartbeats report of generation: KV bytes and sequences, per node."""
+    stats = registry.stats()
+    return {
+        "kv_capacity_bytes": registry.budget.capacity_bytes,
+        "kv_reserved_bytes": stats.reserved_bytes,
+        "kv_used_bytes": stats.used_bytes,
+        "sequences": stats.live_sequences + stats.idle_sequences,
+        "tokens_computed": sum(s.tokens_computed for s in registry.slots.values()),
+    }
