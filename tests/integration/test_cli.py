@@ -147,6 +147,26 @@ def test_install_units_refuses_a_memory_limit_systemd_would_ignore(tmp_path: Pat
     assert result.returncode == 2 and "not a systemd memory limit" in result.stderr
     assert list(tmp_path.iterdir()) == []
     result = run_cli("install-units", "--prefix", str(tmp_path), "--memory-max", "12G")
-    assert result.returncode == 0 and "MemoryMax=12G" in (
-        tmp_path / "appliance-node@.service"
-    ).read_text()
+    assert (
+        result.returncode == 0
+        and "MemoryMax=12G" in (tmp_path / "appliance-node@.service").read_text()
+    )
+
+
+def test_a_node_that_cannot_join_says_why_at_once_and_once(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", "node", "--model-repo", str(tmp_path / "cache"),
+         "--port", "0", "--join", f"127.0.0.1:{port}", "--log-level", "info"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(4.0)  # several attempts, backing off
+    process.send_signal(signal.SIGTERM)
+    _, log = process.communicate(timeout=30)
+    lines = [line for line in log.splitlines() if "cannot join" in line]
+    assert len(lines) == 1, log  # the reason, at once, and not again for the same reason
+    assert f"127.0.0.1:{port}" in lines[0] and "retrying" in lines[0]
