@@ -154,7 +154,18 @@ class NodeConfig(ServerConfig):
         default="", metadata={"help": "URL peers use to reach this node (default: bound address)"}
     )
     memory_budget: int = field(
-        default=0, metadata={"help": "bytes for spans (0: the memory available at start)"}
+        default=0,
+        metadata={
+            "help": "bytes for spans (0: the RAM available at start, or the GPU's memory on "
+            "a CUDA node, divided by memory_share)"
+        },
+    )
+    memory_share: int = field(
+        default=1,
+        metadata={
+            "help": "nodes sharing this host's memory: each counts 1/N of it (appliance "
+            "serve sets it to its node count)"
+        },
     )
     heartbeat_interval_s: float = field(
         default=1.0, metadata={"help": "seconds between heartbeats to the coordinator"}
@@ -188,7 +199,7 @@ class NodeConfig(ServerConfig):
 
     def check(self) -> None:
         self.check_server()
-        positive = ("max_batch_size", "max_queue_size", "warmup_dynamic_dim")
+        positive = ("max_batch_size", "max_queue_size", "warmup_dynamic_dim", "memory_share")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -379,6 +390,20 @@ class CoordinatorConfig(ServerConfig):
     generation_timeout_s: float = field(
         default=600.0, metadata={"help": "generation: the longest one request may run"}
     )
+    drain_timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "version switch: how long requests and sequences on the old version may "
+            "finish before its spans are unloaded anyway"
+        },
+    )
+    rebalance: Literal["manual", "replicas"] = field(
+        default="manual",
+        metadata={
+            "help": "replicas: a node that joins with free memory gets an extra replica of "
+            "the busiest span (manual: new nodes wait for a load or a lost node)"
+        },
+    )
 
     def cache_map_size(self) -> int:
         return self.cache_map_bytes or max(2 * self.cache_max_bytes, 64 << 20)
@@ -394,6 +419,8 @@ class CoordinatorConfig(ServerConfig):
             raise ConfigError(f"replicas must be at least 1, got {self.replicas}")
         if self.stages < 0:
             raise ConfigError(f"stages must be 0 (automatic) or more, got {self.stages}")
+        if not self.drain_timeout_s > 0:
+            raise ConfigError(f"drain_timeout_s must be above 0, got {self.drain_timeout_s}")
         if not self.generation_timeout_s > 0:
             raise ConfigError(
                 f"generation_timeout_s must be above 0, got {self.generation_timeout_s}"

@@ -1,7 +1,8 @@
 """``appliance serve``: a coordinator and N local node processes on loopback, one command.
 
-Each node gets 1/N of the memory budget and of the cores (onnxruntime threads), its own cache
-folder and a stable id; the demo model (or the given one) is placed as K spans with R replicas.
+Each node counts 1/N of the host's memory (its budget and, every heartbeat, what is free) and
+gets 1/N of the cores (onnxruntime threads), its own cache folder and a stable id; every model
+of the repository is placed (as its package's default stages, or K spans) with R replicas.
 Ctrl-C or SIGTERM stops the nodes first (each tells the coordinator it leaves), then the
 coordinator.
 """
@@ -19,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import psutil
 from aiohttp import web
 
 from appliance.config import CoordinatorConfig, entries_with_file
@@ -65,7 +65,7 @@ def node_command(
     coordinator_url: str,
     work: Path,
     threads: int,
-    budget: int,
+    share: int,
     log_level: str,
     secrets_file: Path,
     shared: Sequence[str] = (),
@@ -87,8 +87,8 @@ def node_command(
         str(work / f"node-{index}"),
         "--intra-op-threads",
         str(threads),
-        "--memory-budget",
-        str(budget),
+        "--memory-share",
+        str(share),
         "--log-level",
         log_level,
         "--cluster-secrets-file",
@@ -174,11 +174,10 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
     async def main(listening: Listening, stop: asyncio.Event) -> int:
         cores = os.cpu_count() or 1
         threads = max(1, cores // ring.nodes)
-        budget = psutil.virtual_memory().available // ring.nodes
-        level = ring.node_log_level
+        level, share = ring.node_log_level, ring.nodes
         nodes.start(
             [
-                node_command(i, listening.url, work, threads, budget, level, secrets_file, shared)
+                node_command(i, listening.url, work, threads, share, level, secrets_file, shared)
                 for i in range(ring.nodes)
             ]
         )

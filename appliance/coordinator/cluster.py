@@ -22,6 +22,11 @@ class HeldSpan:
     first: int
     last: int
     ready: bool = True
+    bytes: int = 0  # its segments' bytes (what its memory need is counted from)
+
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        return (self.model, self.digest, self.first, self.last)
 
 
 @dataclass
@@ -91,6 +96,7 @@ def parse_member(raw: Any, now: float, ring_index: int) -> Member:
                 int(s["first"]),
                 int(s["last"]),
                 bool(s.get("ready", True)),
+                int(s.get("bytes", 0)),
             )
             for s in raw.get("spans", [])
         ]

@@ -19,6 +19,7 @@ from appliance.coordinator.entries import ModelEntry
 from appliance.coordinator.hop_batcher import HopBatcher
 from appliance.coordinator.placement import Placement
 from appliance.coordinator.request_policy import CacheControl
+from appliance.coordinator.switch import counting
 from appliance.errors import BadRequest, NoLiveReplica
 from appliance.http.logs import current_request_id
 from appliance.http.v2 import deadline_from
@@ -74,7 +75,8 @@ class InferencePath:
         stats = c.model_stats(name, entry.version)
         started = time.perf_counter_ns()
         try:
-            return await self._infer(entry, placement, body, length, cache_control, stats)
+            with counting(c.in_flight, entry.digest):  # a switch retires it only after
+                return await self._infer(entry, placement, body, length, cache_control, stats)
         except Exception:
             stats.fail.add(time.perf_counter_ns() - started)
             raise
@@ -188,12 +190,14 @@ class InferencePath:
         batcher = c.hop_batchers.get(key)
         if batcher is None:
             for old in [k for k in c.hop_batchers if k[0] == name]:
-                del c.hop_batchers[old]  # its hops in flight finish on their own
+                del c.hop_batchers[old]  # its queued and in-flight hops finish on their own
+            digest = entry.digest
 
             async def send(
                 inputs: dict[str, np.ndarray], hop_id: str, deadline: Deadline
             ) -> dict[str, np.ndarray]:
-                current, now_placed = c.placed(name)  # replicas may have moved meanwhile
+                # the bytes the requests were checked against, on their current replicas
+                current, now_placed = c.by_digest(name, digest)
                 return await self.hop(name, current, now_placed, inputs, hop_id, deadline)
 
             batcher = HopBatcher(send, c.config.max_hop_batch_rows, 1, c.config.max_hop_queue, name)

@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from appliance.coordinator.cluster import Member
+from appliance.coordinator.entries import open_entry
 from appliance.coordinator.keys import coordinator_of
 from appliance.coordinator.service import Coordinator
 from appliance.http.v2 import json_response, read_json_object
@@ -37,6 +38,7 @@ async def join(request: web.Request) -> web.Response:
         old_alive = await _still_there(coordinator, existing)
     member = coordinator.cluster.join(raw, now, old_alive)
     coordinator.hops.ejected.pop(member.address, None)
+    coordinator.note_speeds()
     log.info(
         "node %s joined from %s (%d spans held)", member.node_id, member.address, len(member.spans)
     )
@@ -84,9 +86,9 @@ async def segment_file(request: web.Request) -> web.StreamResponse:
     """A segment file of a package, for nodes that lack it (names checked against the manifest)."""
     coordinator = coordinator_of(request)
     name, version, file = (request.match_info[k] for k in ("model", "version", "file"))
-    entry = coordinator.entry(name)
-    if version != entry.version:
-        raise ModelNotFound(f"model {name} version {version} is not in the repository")
+    if not version.isdecimal():
+        raise ModelNotFound(f"model {name} has no version {version!r}")
+    entry = open_entry(coordinator.repo, name, int(version))  # any exported: a switch's too
     allowed = {f for s in entry.manifest.segments for f in [s.file, *s.external_data]}
     if file not in allowed:
         raise ModelNotFound(f"{file} is not a file of {name} version {version}")

@@ -73,6 +73,12 @@ class CoordinatorMetrics:
             ["node", "what"],
             registry=r,
         )
+        self.switches = Counter(
+            "appliance_version_switches",
+            "times a model's route flipped to a new version or placement",
+            ["model"],
+            registry=r,
+        )
         self.hop_latency = Histogram(
             "appliance_hop_seconds",
             "first hop to its answer (the rest of the chain included)",

@@ -40,7 +40,16 @@ async def health_ready(request: web.Request) -> web.Response:
 
 async def model_metadata(request: web.Request) -> web.Response:
     name, version = model_ref(request)
-    return json_response(coordinator_of(request).entry(name, version).metadata())
+    coordinator = coordinator_of(request)
+    answer = coordinator.entry(name, version).metadata()
+    states = coordinator.version_states(name)
+    answer["parameters"]["serving_version"] = next(
+        (r["version"] for r in states if r["state"] == "READY"), None
+    )
+    answer["parameters"]["versions"] = [
+        {k: r[k] for k in ("version", "state", "reason")} for r in states
+    ]
+    return json_response(answer)
 
 
 async def model_ready(request: web.Request) -> web.Response:
@@ -117,21 +126,12 @@ async def _infer(request: web.Request) -> web.Response:
 async def repository_index(request: web.Request) -> web.Response:
     options = await read_json_object(request, optional=True)
     coordinator = coordinator_of(request)
-    rows = []
-    for name, versions in list_repository(coordinator.repo).items():
-        for version in versions:
-            placed = (
-                name in coordinator.placements
-                and coordinator.entry(name).package.version == version
-            )
-            row = {
-                "name": name,
-                "version": str(version),
-                "state": "READY" if placed else "UNAVAILABLE",
-                "reason": "" if placed else "not placed",
-            }
-            if not options.get("ready") or placed:
-                rows.append(row)
+    rows = [
+        row
+        for name in list_repository(coordinator.repo)
+        for row in coordinator.version_states(name)
+        if not options.get("ready") or row["state"] == "READY"
+    ]
     return json_response(rows)
 
 
@@ -151,8 +151,26 @@ async def repository_load(request: web.Request) -> web.Response:
         raise BadRequest(f"parameters must be a JSON object, got {type(parameters).__name__}")
     stages = _positive_parameter(parameters, "stages")
     replicas = _positive_parameter(parameters, "replicas")
-    await coordinator_of(request).load(request.match_info["model"], stages, replicas)
+    version = _version_parameter(parameters.get("version"))
+    allow_downtime = parameters.get("allow_downtime", False)
+    if not isinstance(allow_downtime, bool):
+        raise BadRequest(f"parameter allow_downtime must be true or false, got {allow_downtime!r}")
+    await coordinator_of(request).load(
+        request.match_info["model"], stages, replicas, version, allow_downtime
+    )
     return web.Response(status=200)
+
+
+def _version_parameter(value: object) -> int | None:
+    """A version as Triton's clients send it (a string, "1") or as a number; None: the
+    highest exported."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdecimal() and int(value) >= 1:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise BadRequest(f'parameter version must be a version number such as "2", got {value!r}')
 
 
 async def repository_unload(request: web.Request) -> web.Response:

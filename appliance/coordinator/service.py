@@ -1,41 +1,41 @@
 """The coordinator's service: the models it can place, their pinned placements, loading spans
 onto nodes (they fetch segment files from here), and keeping every placement whole.
 
-The placement of a model changes on an explicit load only (or when a node has been gone past
-``replace_after_s``), and survives a restart (``state``). REST handlers, the generation routes
+The version and placement a model serves change on an explicit load only (``switch``: the
+whole pipeline at once, no failed request), or when a node has been gone past
+``replace_after_s``, and survive a restart (``state``). REST handlers, the generation routes
 and the job runner all call this one service; it never sees an HTTP request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from appliance.config import CoordinatorConfig
+from appliance.coordinator import switch
 from appliance.coordinator.async_jobs import JobRunner
-from appliance.coordinator.cluster import Cluster, HeldSpan, Member
+from appliance.coordinator.cluster import Cluster
 from appliance.coordinator.entries import ModelEntry, open_entry
 from appliance.coordinator.hop_batcher import HopBatcher
 from appliance.coordinator.inference import InferencePath
 from appliance.coordinator.metrics import CoordinatorMetrics
-from appliance.coordinator.placement import NodeCapacity, Placement, place
+from appliance.coordinator.placement import Placement
 from appliance.coordinator.request_policy import model_cache_policies
-from appliance.coordinator.retry import Retry
-from appliance.coordinator.state import restore_placements, save_placements
-from appliance.errors import BadRequest, DoesNotFit, NoLiveReplica
+from appliance.coordinator.state import Pinned, restore_placements, save_placements
+from appliance.coordinator.upkeep import Upkeep
+from appliance.errors import BadRequest, NoLiveReplica
 from appliance.http.errors import status_of
 from appliance.ring.clients import InternalClients
 from appliance.ring.hop_client import HopClient, HopSettings
 from appliance.ring.protocol import PeerUrl
 from cache.job_store import JobStore
 from cache.result_cache import ResultCache
-from runtime.errors import ModelLoadError, ModelNotFound, ModelNotReady
+from runtime.errors import ModelNotFound, ModelNotReady
+from runtime.package import list_repository
 from runtime.stats import ModelStats
 from runtime.text import PackageText
 
@@ -57,8 +57,15 @@ class Coordinator:
         self.repo = Path(config.model_repo)
         self.state_dir = Path(config.state_dir or self.repo / ".coordinator")
         self.cluster = Cluster(config.node_timeout_s)
-        self.models: dict[str, ModelEntry] = {}
-        self.placements: dict[str, Placement] = restore_placements(self.state_dir)
+        self.models: dict[str, ModelEntry] = {}  # the version each placed model serves
+        self.placements: dict[str, Placement] = {}
+        self.retiring: dict[str, tuple[ModelEntry, Placement]] = {}  # by digest, draining
+        self.loading: dict[str, ModelEntry] = {}  # model -> the version a load brings in
+        self.loading_spans: set[tuple[str, str, int, int]] = set()  # node, digest, first, last
+        self.in_flight: dict[str, int] = {}  # hops out, by digest
+        self.live_sequences: dict[str, int] = {}  # generations under way, by digest
+        self._catalog: dict[str, ModelEntry] = {}  # packages not placed, opened on demand
+        self._locks: dict[str, asyncio.Lock] = {}
         self.metrics = m = CoordinatorMetrics()
         self.clients = clients
         self.session = clients.session
@@ -87,15 +94,51 @@ class Coordinator:
             transient=lambda exc: status_of(exc) == 503,
             retry_window_s=max(config.request_timeout_s * 4, 60.0),
         )
-        self._loading: set[tuple[str, str, int, int]] = set()
-        self._replacing: set[str] = set()
-        self._replace_retry: dict[str, Retry] = {}
-        self._started = time.monotonic()
+        self.upkeep = Upkeep(self)
         self._tasks: list[asyncio.Task[None]] = []
+        self._restore()
+
+    def _restore(self) -> None:
+        """The pinned versions and placements of the last run: served exactly, until a load."""
+        migrated = False
+        for name, pinned in restore_placements(self.state_dir).items():
+            try:
+                entry = open_entry(self.repo, name, pinned.version)
+            except ModelNotFound as exc:
+                log.error("%s was placed, but its package is gone: %s", name, exc)
+                continue
+            if pinned.digest is not None and pinned.digest != entry.digest:
+                log.error(
+                    "%s v%s on disk has digest %s, not the %s that was placed: not serving it "
+                    "until it is loaded again", name, entry.version, entry.digest, pinned.digest,
+                )  # fmt: skip
+                continue
+            migrated |= pinned.digest is None
+            self.models[name], self.placements[name] = entry, pinned.placement
+        if migrated:  # a format-1 file: pinned now, to the versions it served
+            self.save_pinned()
+
+    def save_pinned(self) -> None:
+        save_placements(
+            self.state_dir,
+            {
+                name: Pinned(self.models[name].package.version, self.models[name].digest, p)
+                for name, p in self.placements.items()
+                if name in self.models
+            },
+        )
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(task)
+
+    def lock(self, name: str) -> asyncio.Lock:
+        """Loads, unloads and replica changes of one model run one at a time."""
+        return self._locks.setdefault(name, asyncio.Lock())
 
     async def start(self) -> None:
         await self.jobs.start()
-        self._tasks.append(asyncio.get_running_loop().create_task(self.reconcile_forever()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self.upkeep.forever()))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -105,14 +148,52 @@ class Coordinator:
     # -- models ---------------------------------------------------------------------------
 
     def entry(self, name: str, version: str | None = None) -> ModelEntry:
-        entry = self.models.get(name)
+        """The version a model serves (or, not placed, the highest on disk)."""
+        entry = self.models.get(name) or self._catalog.get(name)
         if entry is None:
-            entry = self.models[name] = open_entry(self.repo, name)
+            entry = self._catalog[name] = open_entry(self.repo, name)
         if version is not None and version != entry.version:
+            exported = ", ".join(map(str, list_repository(self.repo).get(name, [])))
+            state = "serving" if name in self.models else "highest, not placed"
             raise ModelNotFound(
-                f"model {name!r} has no version {version!r} placed; placed: {entry.version}"
+                f"model {name!r} has no version {version!r} serving; {state}: {entry.version} "
+                f"(exported: {exported or 'none'}; POST /v2/repository/models/{name}/load with "
+                f'{{"parameters": {{"version": "{version}"}}}} to serve it)'
             )
         return entry
+
+    def version_states(self, name: str) -> list[dict[str, str]]:
+        """Every exported version of a model with its state and reason, as Triton's
+        repository index shows them: READY (serving), LOADING, UNLOADING (draining after a
+        switch) or UNAVAILABLE (exported, not loaded)."""
+        serving, loading = self.models.get(name), self.loading.get(name)
+        retiring = {e.version for e, _ in self.retiring.values() if e.name == name}
+        rows = []
+        for number in list_repository(self.repo).get(name, []):
+            version = str(number)
+            if serving is not None and version == serving.version and name in self.placements:
+                state, reason = "READY", ""
+            elif loading is not None and version == loading.version:
+                state, reason = "LOADING", "loading and warming every span replica"
+            elif version in retiring:
+                state, reason = "UNLOADING", "its requests in flight finish, then it is unloaded"
+            elif serving is not None:
+                state = "UNAVAILABLE"
+                reason = f"exported, not loaded (v{serving.version} serves)"
+            else:
+                state, reason = "UNAVAILABLE", "exported, not loaded"
+            rows.append({"name": name, "version": version, "state": state, "reason": reason})
+        return rows
+
+    def by_digest(self, name: str, digest: str) -> tuple[ModelEntry, Placement]:
+        """The serving version if it has these bytes, else a retiring one still draining: what
+        work begun on ``digest`` finishes on."""
+        entry, placement = self.models.get(name), self.placements.get(name)
+        if entry is not None and placement is not None and entry.digest == digest:
+            return entry, placement
+        if digest in self.retiring:
+            return self.retiring[digest]
+        raise ModelNotReady(f"model {name!r} version with digest {digest[:19]} is retired")
 
     def placed(self, name: str, version: str | None = None) -> tuple[ModelEntry, Placement]:
         entry = self.entry(name, version)
@@ -158,199 +239,42 @@ class Coordinator:
                                 "last": span.last})  # fmt: skip
         return out
 
+    def note_speeds(self) -> None:
+        """The nodes' measured speeds, relative to the median node's, for the balancer."""
+        speeds = {m.address: float(m.load.get("speed") or 0) for m in self.cluster.members.values()}
+        known = sorted(v for v in speeds.values() if v > 0)
+        median = known[len(known) // 2] if known else 0.0
+        self.hops.speeds = {u: v / median if median and v > 0 else 1.0 for u, v in speeds.items()}
+
     # -- placement and loading ------------------------------------------------------------
 
-    async def load(self, name: str, stages: int | None, replicas: int | None) -> Placement:
-        old = self.models.pop(name, None)  # re-read: a new version may have been exported
-        entry = self.entry(name)
-        if old is not None and old.digest != entry.digest and self.cache:
-            self.cache.drop_digest(old.digest)  # unreachable already: free the space
-        live = self.cluster.live(time.monotonic())
-        kind = entry.manifest.kind
-        able = [m for m in live if kind in m.kinds]
-        if live and not able:
-            raise DoesNotFit(
-                f"cannot place {name}: it is a {kind} package and none of the live nodes "
-                f"({', '.join(m.node_id for m in live)}) serves that kind; upgrade them"
-            )
-        live = able
-        sizes = {n: e.sizes for n, e in self.models.items()}
-        capacities = [
-            NodeCapacity(
-                m.node_id,
-                max(0, m.memory_budget - m.bytes_held_except(name, sizes)),
-                1.0,
-                m.ring_index,
-            )
-            for m in live
-        ]
-        if not capacities:
-            raise NoLiveReplica(f"no node has joined the ring; cannot place {name}")
-        previous = self.placements.get(name)
-        try:
-            placement = place(
-                entry.sizes,
-                capacities,
-                replicas or self.config.replicas,
-                stages or self.config.stages or len(entry.manifest.default_stages) or None,
-                version=(previous.version + 1) if previous else 1,
-            )
-        except DoesNotFit as exc:
-            raise DoesNotFit(f"cannot place {name}: {exc}") from exc
-        members: dict[str, Member] = {m.node_id: m for m in live}
-        jobs = [
-            self._load_span(members[node], entry, span.first, span.last)
-            for span in placement.spans
-            for node in span.replicas
-        ]
-        try:
-            await asyncio.wait_for(asyncio.gather(*jobs), self.config.load_timeout_s)
-        except TimeoutError:
-            raise ModelNotReady(
-                f"loading {name} took longer than {self.config.load_timeout_s}s; the placement "
-                "was not changed"
-            ) from None
-        self.placements[name] = placement  # swap only once every replica is warm
-        save_placements(self.state_dir, self.placements)
-        await self._unload_outside(name, placement, live)
-        log.info("placed %s: %s", name, placement.as_dict())
-        return placement
-
-    async def _load_span(self, member: Member, entry: ModelEntry, first: int, last: int) -> None:
-        key = (member.node_id, entry.name, first, last)
-        self._loading.add(key)
-        try:
-            manifest = json.loads(entry.manifest.to_json())
-            payload = {"manifest": manifest, "first": first, "last": last}
-            async with self.session.post(
-                member.address + "/internal/load",
-                json=payload,
-                timeout=aiohttp.ClientTimeout(total=self.config.load_timeout_s),
-            ) as response:
-                if response.status != 200:
-                    why = (
-                        f"node {member.node_id} could not load {entry.name} segments "
-                        f"{first}-{last}: {response.status} {await response.text()}"
-                    )
-                    # a node refusing the files (400: a hash mismatch, a broken graph) is a
-                    # permanent problem of the package, not a 503 to retry
-                    raise ModelLoadError(why) if response.status == 400 else ModelNotReady(why)
-                answer = await response.json()
-        except aiohttp.ClientError as exc:
-            raise ModelNotReady(f"node {member.node_id} unreachable while loading: {exc}") from exc
-        finally:
-            self._loading.discard(key)
-        # count it as held now, before the next heartbeat says so (heartbeats replace the
-        # member record: update the one that is current, if it is still that incarnation)
-        current = self.cluster.members.get(member.node_id)
-        if current is None or current.incarnation != member.incarnation:
-            return
-        current.spans = [
-            s
-            for s in current.spans
-            if not (s.model == entry.name and s.first == first and s.last == last)
-        ]
-        current.spans.append(HeldSpan(entry.name, entry.version, entry.digest, first, last, True))
-        current.generation = max(current.generation, int(answer.get("generation", 0)))
-
-    async def _unload_outside(self, name: str, placement: Placement, live: list[Member]) -> None:
-        wanted = {(node, s.first, s.last) for s in placement.spans for node in s.replicas}
-        for member in live:
-            for span in list(member.spans):
-                if span.model == name and (member.node_id, span.first, span.last) not in wanted:
-                    try:
-                        await self.session.post(
-                            member.address + "/internal/unload",
-                            json={"model": name, "first": span.first, "last": span.last},
-                        )
-                    except aiohttp.ClientError as exc:
-                        log.warning("unload on %s failed: %s", member.node_id, exc)
+    async def load(
+        self,
+        name: str,
+        stages: int | None = None,
+        replicas: int | None = None,
+        version: int | None = None,
+        allow_downtime: bool = False,
+    ) -> Placement:
+        """Serve ``version`` (default: the highest exported) of a model, placed anew: the
+        whole pipeline switches at once once every new replica is warm (``switch``)."""
+        async with self.lock(name):
+            self._catalog.pop(name, None)  # re-read: a new version may have been exported
+            return await switch.switch(self, name, stages, replicas, version, allow_downtime)
 
     async def unload(self, name: str) -> None:
-        entry = self.entry(name)
-        if self.cache is not None:
-            self.cache.drop_digest(entry.digest)
-        self.placements.pop(name, None)
-        save_placements(self.state_dir, self.placements)
-        await self._unload_outside(name, Placement(0, ()), self.cluster.live(time.monotonic()))
-
-    # -- keeping placements whole ---------------------------------------------------------
-
-    async def reconcile_forever(self) -> None:
-        """Give every live node of a pinned placement the spans it should hold (a restarted
-        node comes back empty; the placement itself does not move)."""
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            live = self.cluster.live(now)
-            self.metrics.members.labels("live").set(len(live))
-            self.metrics.members.labels("silent").set(len(self.cluster.members) - len(live))
-            for name, placement in list(self.placements.items()):
-                try:
-                    entry = self.entry(name)
-                except ModelNotFound:
-                    continue
-                for span in placement.spans:
-                    for node in span.replicas:
-                        self._reload_if_missing(node, entry, span.first, span.last, now)
-            self._tasks = [t for t in self._tasks if not t.done()]
-            await self._replace_lost_nodes(now)
-
-    def _reload_if_missing(
-        self, node: str, entry: ModelEntry, first: int, last: int, now: float
-    ) -> None:
-        member = self.cluster.members.get(node)
-        if (
-            member is None
-            or not self.cluster.is_live(member, now)
-            or (node, entry.name, first, last) in self._loading
-            or member.holds(entry.name, entry.digest, first, last)
-        ):
-            return
-        log.info("reloading %s segments %d-%d on %s", entry.name, first, last, node)
-        task = asyncio.get_running_loop().create_task(self._reload(member, entry, first, last))
-        self._tasks.append(task)
-
-    async def _replace_lost_nodes(self, now: float) -> None:
-        """A node away longer than replace_after_s (since it was last seen or left; since
-        this coordinator started for one never seen) gives its spans to live nodes: the model
-        is placed again, the replicas still serving keep serving until the new ones are warm.
-        A placement that fails is retried with a doubling backoff, logged once per series."""
-        grace = self.config.replace_after_s
-        if grace <= 0:
-            return
-        for name, placement in list(self.placements.items()):
-            lost = [
-                node
-                for span in placement.spans
-                for node in span.replicas
-                if (since := self.cluster.gone_since(node, now, self._started)) is not None
-                and now - since > grace
-            ]
-            retry = self._replace_retry.setdefault(name, Retry())
-            if not lost:
-                retry.reset()
-                continue
-            if name in self._replacing or now < retry.next_at:
-                continue
-            self._replacing.add(name)
-            try:
-                retry.say(
-                    f"nodes {', '.join(lost)} gone for over {grace:.0f}s: placing {name} again"
-                )
-                await self.load(name, len(placement.spans), len(placement.spans[0].replicas))
-                log.info("%s placed again after %d attempt(s)", name, retry.attempts + 1)
-                retry.reset()
-            except Exception as exc:  # retried after the backoff
-                retry.failed(now, f"placing {name} again failed: {exc}")
-            finally:
-                self._replacing.discard(name)
-
-    async def _reload(self, member: Member, entry: ModelEntry, first: int, last: int) -> None:
-        try:
-            await self._load_span(member, entry, first, last)
-        except (ModelNotReady, ModelLoadError, aiohttp.ClientError) as exc:
-            log.warning("reload failed: %s", exc)
+        async with self.lock(name):
+            entry = self.entry(name)
+            if self.cache is not None:
+                self.cache.drop_digest(entry.digest)
+            self.models.pop(name, None)
+            placement = self.placements.pop(name, None)
+            self.save_pinned()
+            if placement is not None:
+                await switch.wait_drained(self, entry.digest)
+            for member in self.cluster.live(time.monotonic()):
+                for span in {(s.first, s.last) for s in member.spans if s.model == name}:
+                    await switch.unload_span(self, member, name, span[0], span[1], None)
 
     # -- views ----------------------------------------------------------------------------
 
@@ -374,5 +298,18 @@ class Coordinator:
                 for m in sorted(self.cluster.members.values(), key=lambda m: m.ring_index)
             ],
             "placements": {n: p.as_dict() for n, p in self.placements.items()},
-            "models": {n: e.digest for n, e in self.models.items()},
+            "models": {
+                name: {
+                    "serving_version": entry.version,
+                    "serving_digest": entry.digest,
+                    "loading_version": loading.version
+                    if (loading := self.loading.get(name))
+                    else None,
+                    "loading_digest": loading.digest if loading else None,
+                    "retiring_digests": [
+                        d for d, (e, _) in self.retiring.items() if e.name == name
+                    ],
+                }
+                for name, entry in self.models.items()
+            },
         }

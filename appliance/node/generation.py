@@ -38,7 +38,7 @@ def _held(registry: DecoderRegistry, request: web.Request) -> tuple[DecoderSlot,
     if not sequence_id:
         raise BadRequest(f"a sequence call needs {rp.SEQUENCE_ID}")
     try:
-        slot = registry.get(rp.slot_name(model, first, last))
+        slot = registry.get(rp.slot_name(model, first, last, digest))
     except ModelNotFound:
         raise DigestMismatch(
             f"this node holds no generation span {first}-{last} of {model}; the route is stale"

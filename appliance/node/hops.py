@@ -15,7 +15,7 @@ from runtime.codec import (
     encode_response,
     parse_header_length,
 )
-from runtime.errors import DeadlineExceeded, ModelNotFound
+from runtime.errors import DeadlineExceeded, ModelNotFound, ModelNotReady
 from runtime.registry import LoadedModel, ModelRegistry
 
 
@@ -25,10 +25,11 @@ def held_span(
     """The span the hop asks for, with exactly those bytes; DigestMismatch (409) otherwise,
     which tells the sender to try another replica."""
     try:
-        loaded = registry.get(rp.slot_name(model, first, last))
-    except ModelNotFound:
+        loaded = registry.get(rp.slot_name(model, first, last, digest))
+    except (ModelNotFound, ModelNotReady) as exc:  # never held, unloaded, or still loading
         raise DigestMismatch(
-            f"this node holds no span {first}-{last} of {model}; the route is stale"
+            f"this node holds no span {first}-{last} of {model} with digest {digest[:19]} "
+            f"({exc}); the route is stale"
         ) from None
     if loaded.digest != digest:
         raise DigestMismatch(

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from appliance.config import NodeConfig
 from appliance.node.metrics import Metrics
+from appliance.node.resources import NodeResources
 from appliance.ring.clients import InternalClients
 from appliance.ring.hop_client import HopClient
 from runtime.decoder_slots import DecoderRegistry
@@ -21,3 +22,4 @@ LOADER = web.AppKey("loader", asyncio.Task)
 IDENTITY = web.AppKey("identity", dict)  # node_id, incarnation, memory_budget, address
 CLIENTS = web.AppKey("internal_clients", InternalClients)
 HOPS = web.AppKey("hop_client", HopClient)
+RESOURCES = web.AppKey("resources", NodeResources)  # device, speed, budget, memory free

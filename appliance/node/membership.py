@@ -21,7 +21,8 @@ from aiohttp import web
 from appliance.config import NodeConfig
 from appliance.http.v2 import json_response
 from appliance.node.generation import decoder_status
-from appliance.node.keys import CLIENTS, CONFIG, DECODERS, IDENTITY, REGISTRY
+from appliance.node.keys import CLIENTS, CONFIG, DECODERS, IDENTITY, REGISTRY, RESOURCES
+from appliance.node.resources import NodeResources
 from appliance.node.spans import coordinator_url
 from appliance.sd_notify import notify
 from runtime.decoder_slots import DecoderRegistry
@@ -33,7 +34,7 @@ PROTOCOL_VERSION = 2  # what this node speaks on /internal (2: generation packag
 PACKAGE_KINDS = ("single_pass", "generation")
 
 
-def node_identity(config: NodeConfig) -> dict[str, Any]:
+def node_identity(config: NodeConfig, budget: int) -> dict[str, Any]:
     """Stable id (config, else made once and kept in the state dir) and a fresh incarnation."""
     node_id = config.node_id
     if not node_id:
@@ -45,7 +46,6 @@ def node_identity(config: NodeConfig) -> dict[str, Any]:
         else:
             node_id = "node-" + uuid.uuid4().hex[:8]
             id_file.write_text(node_id + "\n")
-    budget = config.memory_budget or psutil.virtual_memory().available
     return {"node_id": node_id, "incarnation": uuid.uuid4().hex, "memory_budget": budget}
 
 
@@ -53,18 +53,20 @@ def member_status(state: Any) -> dict[str, Any]:
     """What a join or heartbeat reports: identity, spans held, load."""
     registry: ModelRegistry = state[REGISTRY]
     decoders: DecoderRegistry = state[DECODERS]
-    held = [(m.name, m.version, m.digest, *m.span) for m in registry.loaded()]
-    held += [(d.name, d.version, d.digest, d.first, d.last) for d in decoders.slots.values()]
+    held = [(m.name, m.version, m.digest, *m.span, m.package) for m in registry.loaded()]
+    held += [(d.name, d.version, d.digest, d.first, d.last, d.package)
+             for d in decoders.slots.values()]  # fmt: skip
     spans = [
         {"model": name, "version": version, "digest": digest, "first": first, "last": last,
-         "ready": True}
-        for name, version, digest, first, last in held
+         "ready": True, "bytes": sum(s.bytes for s in package.segments[first : last + 1])}
+        for name, version, digest, first, last, package in held
     ]  # fmt: skip
+    resources: NodeResources = state[RESOURCES]
     return {
         **state[IDENTITY],
         "protocol": PROTOCOL_VERSION,
         "kinds": list(PACKAGE_KINDS),
-        "device": next((m.runner.device for m in registry.loaded()), "cpu"),
+        "device": next((m.runner.device for m in registry.loaded()), resources.device),
         "spans": spans,
         "generation": registry.generation + decoders.generation,
         "load": {
@@ -73,6 +75,8 @@ def member_status(state: Any) -> dict[str, Any]:
             "in_flight": sum(m.batcher.outstanding for m in registry.loaded()),
             "ewma_latency_s": max((m.stats.ewma_latency_s for m in registry.loaded()), default=0),
             "rss": psutil.Process().memory_info().rss,
+            "memory_available": resources.memory_available(),
+            "speed": resources.speed_gflops,
         },
     }
 

@@ -33,6 +33,12 @@ class _ModelCollector(Collector):
             labels=["model", "version"],
         )
         queue = GaugeMetricFamily("appliance_queue_depth", "requests waiting", labels=["model"])
+        # by digest too: during a switch a node holds two versions of a span side by side
+        in_flight = GaugeMetricFamily(
+            "appliance_in_flight",
+            "requests queued or running",
+            labels=["model", "version", "digest", "span"],
+        )
         queue_s = CounterMetricFamily(
             "appliance_queue_seconds", "time requests spent queued", labels=["model"]
         )
@@ -44,6 +50,10 @@ class _ModelCollector(Collector):
             rows.add_metric([model.name, model.version], stats.inference_count)
             runs.add_metric([model.name, model.version], stats.execution_count)
             queue.add_metric([model.name], model.batcher.queue_depth)
+            span = f"{model.span[0]}-{model.span[1]}"
+            in_flight.add_metric(
+                [model.name, model.version, model.digest, span], model.batcher.outstanding
+            )
             queue_s.add_metric([model.name], stats.queue.ns / 1e9)
             compute_s.add_metric([model.name], stats.compute_infer.ns / 1e9)
         batches = CounterMetricFamily(
@@ -52,7 +62,7 @@ class _ModelCollector(Collector):
         for model in self._models():
             for size, duration in model.stats.batch_sizes.items():
                 batches.add_metric([model.name, str(size)], duration.count)
-        yield from (rows, runs, queue, queue_s, compute_s, batches)
+        yield from (rows, runs, queue, in_flight, queue_s, compute_s, batches)
         cpu = CounterMetricFamily("appliance_process_cpu_seconds", "CPU time of this process")
         times = self._process.cpu_times()
         cpu.add_metric([], times.user + times.system)

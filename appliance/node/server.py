@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 from aiohttp import web
 
 from appliance.config import NodeConfig
@@ -33,9 +32,20 @@ from appliance.http.v2 import (
 )
 from appliance.node import generation
 from appliance.node.hops import hop
-from appliance.node.keys import CLIENTS, CONFIG, DECODERS, HOPS, IDENTITY, LOADER, METRICS, REGISTRY
+from appliance.node.keys import (
+    CLIENTS,
+    CONFIG,
+    DECODERS,
+    HOPS,
+    IDENTITY,
+    LOADER,
+    METRICS,
+    REGISTRY,
+    RESOURCES,
+)
 from appliance.node.membership import identity, node_identity
 from appliance.node.metrics import Metrics
+from appliance.node.resources import NodeResources, node_resources
 from appliance.node.spans import load_span, unload_span
 from appliance.ring.clients import internal_clients
 from appliance.ring.hop_client import HopClient, HopSettings
@@ -238,14 +248,16 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
     app[DECODERS].close()
 
 
-def _kv_capacity(config: NodeConfig, registry: ModelRegistry) -> Callable[[list[Any]], int]:
+def _kv_capacity(
+    config: NodeConfig, registry: ModelRegistry, resources: NodeResources
+) -> Callable[[list[Any]], int]:
     """What the memory budget leaves for KV once the spans held are paid for (each as
     placement counts it), or the configured kv_budget_bytes."""
 
     def capacity(slots: list[Any]) -> int:
         if config.kv_budget_bytes:
             return config.kv_budget_bytes
-        budget = config.memory_budget or psutil.virtual_memory().available
+        budget = resources.budget
         held = [sum(s.bytes for s in m.package.segments[m.span[0] : m.span[1] + 1])
                 for m in registry.loaded()]  # fmt: skip
         held += [sum(s.bytes for s in d.package.segments[d.first : d.last + 1]) for d in slots]
@@ -262,17 +274,19 @@ def build_node_app(config: NodeConfig) -> web.Application:
         config.warmup_settings(),
         config.drain_timeout_s,
     )
+    resources = node_resources(config)
     app = new_app(config, INTERNAL_ROUTES)
     app[CONFIG] = config
     app[REGISTRY] = registry
     app[DECODERS] = DecoderRegistry(
         Path(config.model_repo),
         config.session_settings(),
-        _kv_capacity(config, registry),
+        _kv_capacity(config, registry, resources),
         config.kv_idle_ttl_s,
     )
     app[METRICS] = Metrics(registry.loaded)
-    app[IDENTITY] = node_identity(config)
+    app[RESOURCES] = resources
+    app[IDENTITY] = node_identity(config, resources.budget)
     registry.observe = app[METRICS].observe_batch
     registry.progress = _loading_progress
     app.add_routes(

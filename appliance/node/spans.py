@@ -14,13 +14,14 @@ import psutil
 from aiohttp import web
 from aiohttp.helpers import ChainMapProxy
 
-from appliance.errors import BadRequest
+from appliance.errors import BadRequest, DoesNotFit
 from appliance.http.v2 import json_response, read_json_object
-from appliance.node.keys import CLIENTS, CONFIG, DECODERS, REGISTRY
+from appliance.node.keys import CLIENTS, CONFIG, DECODERS, IDENTITY, REGISTRY
 from appliance.ring import protocol as rp
 from runtime.decoder_slots import DecoderSlot
 from runtime.errors import ModelLoadError
 from runtime.manifest import Manifest, read_manifest, segment_hash, write_manifest
+from runtime.memory import span_need
 from runtime.registry import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,14 @@ async def load_span(request: web.Request) -> web.Response:
         first, last = int(raw["first"]), int(raw["last"])
     except (KeyError, TypeError, ValueError) as exc:
         raise BadRequest(f"load needs manifest, first and last: {exc}") from exc
+    if not 0 <= first <= last < len(manifest.segments):
+        raise BadRequest(f"span {first}-{last} is outside the {len(manifest.segments)} segments")
+    slot = rp.slot_name(manifest.name, first, last, manifest.digest)
+    if slot not in state[DECODERS].slots and not state[REGISTRY].is_ready(slot):
+        check_budget(state, manifest, first, last)
     repo = Path(state[CONFIG].model_repo)
     folder = repo / manifest.name / str(manifest.version)
     await _ensure_files(state, folder, manifest, first, last)
-    slot = rp.slot_name(manifest.name, first, last)
     loaded: LoadedModel | DecoderSlot
     if manifest.is_generation:  # a decoder span: sequences with KV, not a batcher
         loaded = await state[DECODERS].load(manifest.name, manifest.version, first, last, slot)
@@ -58,7 +63,7 @@ async def load_span(request: web.Request) -> web.Response:
         )
     return json_response(
         {
-            "slot": rp.slot_name(manifest.name, first, last),
+            "slot": slot,
             "ready": True,
             "generation": state[REGISTRY].generation + state[DECODERS].generation,
             "rss": psutil.Process().memory_info().rss,
@@ -67,17 +72,57 @@ async def load_span(request: web.Request) -> web.Response:
 
 
 async def unload_span(request: web.Request) -> web.Response:
+    """Unload one version of a span (``digest``), or every version of it without one."""
     raw = await read_json_object(request)
     try:
-        slot = rp.slot_name(str(raw["model"]), int(raw["first"]), int(raw["last"]))
+        model, first, last = str(raw["model"]), int(raw["first"]), int(raw["last"])
+        digest = raw.get("digest")
     except (KeyError, TypeError, ValueError) as exc:
-        raise BadRequest(f"unload needs model, first and last: {exc}") from exc
+        raise BadRequest(f"unload needs model, first and last (and digest): {exc}") from exc
     state = request.config_dict
-    if slot in state[DECODERS].slots:
-        state[DECODERS].unload(slot)  # its live sequences end: the coordinator moved them
+    if digest is not None:
+        slots = [rp.slot_name(model, first, last, str(digest))]
     else:
-        await state[REGISTRY].unload(slot)
-    return json_response({"slot": slot, "unloaded": True})
+        prefix = rp.slot_prefix(model, first, last)
+        held = [*state[DECODERS].slots, *(m.name for m in state[REGISTRY].loaded())]
+        slots = [name for name in held if name.startswith(prefix)]
+    unloaded = []
+    for slot in slots:
+        if slot in state[DECODERS].slots:
+            state[DECODERS].unload(slot)  # the coordinator waited for its live sequences
+            unloaded.append(slot)
+        elif state[REGISTRY].is_ready(slot):
+            await state[REGISTRY].unload(slot)  # queued requests finish (drain_timeout_s)
+            unloaded.append(slot)
+    generation = state[REGISTRY].generation + state[DECODERS].generation
+    return json_response({"unloaded": unloaded, "generation": generation})
+
+
+def check_budget(state: ChainMapProxy, manifest: Manifest, first: int, last: int) -> None:
+    """A node never loads past its memory budget, whatever a (stale) coordinator asks: 507
+    with the figures. Each span counts as placement counts it (1.15 x bytes + 150 MiB)."""
+    budget = int(state[IDENTITY]["memory_budget"])
+    need = span_need(sum(s.bytes for s in manifest.segments[first : last + 1]))
+    held = held_need(state)
+    if held + need > budget:
+        raise DoesNotFit(
+            f"this node's memory budget is {budget / 2**20:.0f} MiB; its spans take "
+            f"{held / 2**20:.0f} MiB, and {manifest.name} segments {first}-{last} need "
+            f"{need / 2**20:.0f} MiB more"
+        )
+
+
+def held_need(state: ChainMapProxy) -> int:
+    """The memory the spans held take, counted as placement counts it."""
+    spans = [
+        sum(s.bytes for s in m.package.segments[m.span[0] : m.span[1] + 1])
+        for m in state[REGISTRY].loaded()
+    ]
+    spans += [
+        sum(s.bytes for s in d.package.segments[d.first : d.last + 1])
+        for d in state[DECODERS].slots.values()
+    ]
+    return sum(span_need(b) for b in spans)
 
 
 async def _ensure_files(

@@ -29,6 +29,7 @@ class ReplicaStats:
     outstanding: int = 0
     ewma_latency_s: float = 0.0  # meaningless while samples == 0
     samples: int = 0
+    speed: float = 1.0  # measured speed relative to the median node's (until it has samples)
 
 
 def record_latency(stats: ReplicaStats, seconds: float, alpha: float = DEFAULT_ALPHA) -> None:
@@ -48,9 +49,11 @@ def score(stats: ReplicaStats, default_latency_s: float) -> float:
     """Expected wait on this replica: (outstanding + 1) x latency; lower is better.
 
     A replica without samples gets `default_latency_s` (typically the median of the known ones)
-    so that it is neither shunned nor flooded until it has figures of its own.
+    divided by its measured speed, so that it is neither shunned nor flooded until it has
+    figures of its own, and a faster node takes more of that first traffic.
     """
-    latency = stats.ewma_latency_s if stats.samples else default_latency_s
+    speed = stats.speed if math.isfinite(stats.speed) and stats.speed > 0 else 1.0
+    latency = stats.ewma_latency_s if stats.samples else default_latency_s / speed
     return (max(stats.outstanding, 0) + 1) * latency
 
 

@@ -3,7 +3,8 @@
 Used by the coordinator for the first span and by every node for the span after its own, so
 both retry a failed hop the same way: on refusal, reset, 409 (other bytes), 503 or its share of
 the deadline, the same tensors go to the next replica; a failed replica is ejected and let back
-after a backoff (the next call to it is the probe).
+after a backoff (the next call to it is the probe), except on 409: that node is healthy, the
+route was stale (a span unloaded or not loaded yet, as in a version switch).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class HopClient:
         self.post = post
         self.settings = settings
         self.stats: dict[rp.PeerUrl, ReplicaStats] = {}
+        self.speeds: dict[str, float] = {}  # by URL, relative to the median node (coordinator)
         self.ejected: dict[str, _Ejection] = {}  # by PeerUrl
         self._rng = random.Random(seed)
         self._on_attempt = on_attempt or (lambda _: None)
@@ -96,6 +98,8 @@ class HopClient:
         """Send ``body`` to a replica of ``route[0]`` with the rest of the route; its answer."""
         step, rest = route[0], route[1:]
         stats = [self.stats.setdefault(url, ReplicaStats(url)) for url in step.replicas]
+        for s in stats:
+            s.speed = self.speeds.get(s.key, 1.0)
         live = [s for s in stats if not self.is_ejected(s.key)]
         # all ejected: trying them beats failing for sure (they may be back already)
         ordered = order_for_failover(live or stats, self._rng)
@@ -141,7 +145,8 @@ class HopClient:
             if status in RETRYABLE:
                 if deadline.expired():
                     break  # the deadline ran out downstream: nothing to blame this replica for
-                self.eject(url, f"{status}: {message}")
+                if status != 409:  # 409: healthy, but not (or no longer) holding those bytes
+                    self.eject(url, f"{status}: {message}")
                 continue
             raise UpstreamError(status, message)
         raise NoLiveReplica(

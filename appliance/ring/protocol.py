@@ -61,9 +61,15 @@ class RouteStep:
         return f"{self.first}-{self.last}"
 
 
-def slot_name(model: str, first: int, last: int) -> str:
-    """The registry key of a span held by a node."""
-    return f"{model}#{first}-{last}"
+def slot_name(model: str, first: int, last: int, digest: str) -> str:
+    """The registry key of a span held by a node: its bytes are part of it, so a node holds
+    two versions of a span side by side while a switch between them is under way."""
+    return f"{model}#{first}-{last}@{digest.removeprefix('sha256:')[:12]}"
+
+
+def slot_prefix(model: str, first: int, last: int) -> str:
+    """What every version of one span's slot name starts with."""
+    return f"{model}#{first}-{last}@"
 
 
 def encode_route(route: list[RouteStep]) -> str:

@@ -151,5 +151,5 @@ async def test_placing_again_that_fails_backs_off_and_says_so_once(
         r.getMessage() for r in caplog.records if "placing dense2 again failed" in r.getMessage()
     ]
     assert len(failed) == 1 and "cannot place dense2" in failed[0], failed
-    retry = ring.service._replace_retry["dense2"]
+    retry = ring.service.upkeep._replace_retry["dense2"]
     assert 2 <= retry.attempts <= 4  # 1 s, 2 s, 4 s apart, not one a second

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -92,6 +93,41 @@ def test_serve_builds_and_serves_the_demo_model(tmp_path: Path) -> None:
     log = process.stderr.read() if process.stderr is not None else ""
     assert "could not tell the coordinator" not in log, log[-3000:]
     assert "node local-0 left" in log and "node local-1 left" in log, log[-3000:]
+
+
+def test_serve_places_every_model_of_a_repository_as_each_can_be(tmp_path: Path) -> None:
+    """Default flags: a Triton-style model.onnx (one segment: one span, on every node), a
+    package exported with --stages 2 (its default_stages), another plain model, and one that
+    cannot be placed (a broken file), which is logged and keeps no other from serving."""
+    from exporter.demo_model import build_demo_model
+    from exporter.export import export_model
+
+    repo = tmp_path / "models"
+    put_model(repo, "mlp", dense_model(features=4, units=3))
+    put_model(repo, "tiny", dense_model(features=4, units=2, seed=1))
+    small = build_demo_model(blocks=4, hidden=32, heads=2, ffn=64, vocab=50)
+    export_model(small, repo, "enc", stages=2, min_segment_bytes=0, source_label="test")
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    process, url = start(["serve", "--port", "0", "--model-repo", str(repo)])
+    try:
+        wait_ready(url)
+        x = np.ones((2, 4), dtype=np.float32)
+        assert infer(url, "mlp", {"x": x})["y"].shape == (2, 3)
+        assert infer(url, "tiny", {"x": x})["y"].shape == (2, 2)
+        ids = np.arange(6, dtype=np.int64).reshape(1, 6)
+        assert infer(url, "enc", {"input_ids": ids})["last_hidden_state"].shape == (1, 6, 32)
+        with urllib.request.urlopen(url + "/v2/cluster", timeout=10) as response:
+            cluster = json.loads(response.read())
+        placements = cluster["placements"]
+        assert sorted(placements) == ["enc", "mlp", "tiny"]
+        assert len(placements["enc"]["spans"]) == 2  # the package's default_stages
+        assert [len(s["replicas"]) for s in placements["mlp"]["spans"]] == [3]  # every node
+    finally:
+        assert stop(process) == 0
+    log = process.stderr.read() if process.stderr is not None else ""
+    assert "broken is not served" in log, log[-3000:]
+    assert "mlp placed as 1 span(s)" in log and "it has 1 segment(s)" in log, log[-3000:]
 
 
 def test_bad_config_exits_2_with_the_reason(tmp_path: Path) -> None:

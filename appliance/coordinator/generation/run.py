@@ -30,6 +30,7 @@ import orjson
 from appliance.coordinator.entries import ModelEntry
 from appliance.coordinator.generation.requests import GenerationRequest
 from appliance.coordinator.placement import Placement
+from appliance.coordinator.switch import counting
 from appliance.errors import BadRequest
 from appliance.ring import protocol as rp
 from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain
@@ -126,6 +127,12 @@ class GenerationRun:
         return self.c.sequences_on.get(url, 0)
 
     async def chunks(self) -> AsyncIterator[Chunk]:
+        # counted from before it opens: a version switch retires these bytes only after
+        with counting(self.c.live_sequences, self.entry.digest):
+            async for chunk in self._chunks():
+                yield chunk
+
+    async def _chunks(self) -> AsyncIterator[Chunk]:
         post = self.c.clients.hop
         route = self._route()
         first_url = route[0].replicas[0]

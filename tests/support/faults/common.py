@@ -296,4 +296,4 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> float:
 
 
 def model_digest(ring: Ring) -> str:
-    return str(http("GET", ring.url + "/v2/cluster")[1]["models"]["demo"])
+    return str(http("GET", ring.url + "/v2/cluster")[1]["models"]["demo"]["serving_digest"])
