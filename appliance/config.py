@@ -100,6 +100,101 @@ class ServerConfig:
     )
     # --- ring membership ---
 
+    # --- connections: timeouts, the descriptor budget, shedding, log limits (issue 18) ---
+    header_timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "a connection must send a request's headers this soon after it opens (or "
+            "after its first byte, on a kept-alive connection)"
+        },
+    )
+    idle_timeout_s: float = field(
+        default=30.0, metadata={"help": "an idle kept-alive public connection is closed after"}
+    )
+    member_idle_timeout_s: float = field(
+        default=90.0,
+        metadata={
+            "help": "the same for ring members' connections: above the hop and session pools' "
+            "60 s keep-alive, so pooled hops are not cut"
+        },
+    )
+    body_min_bytes_per_s: int = field(
+        default=1024,
+        metadata={
+            "help": "body floor: once headers are in, every body_grace_s must bring this "
+            "many bytes per second, else 408 (0: no floor)"
+        },
+    )
+    body_grace_s: float = field(
+        default=5.0, metadata={"help": "the window over which the body floor is measured"}
+    )
+    body_timeout_s: float = field(
+        default=120.0,
+        metadata={
+            "help": "a request body must be complete this soon after its headers, "
+            "else 408 (0: no limit)"
+        },
+    )
+    write_timeout_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "an answer that makes no progress this long (a client that does not "
+            "read) ends its connection"
+        },
+    )
+    member_stall_timeout_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "ring members' bodies and answers may stall this long (the default "
+            "request deadline) instead of the floor and write_timeout_s"
+        },
+    )
+    tls_handshake_timeout_s: float = field(
+        default=10.0, metadata={"help": "a TLS handshake must finish this soon"}
+    )
+    max_connections: int = field(
+        default=0,
+        metadata={
+            "help": "inbound connections at most (0: the descriptor limit, raised to its "
+            "hard limit at start, minus connection_reserve)"
+        },
+    )
+    connection_reserve: int = field(
+        default=0,
+        metadata={
+            "help": "descriptors kept for what the process opens itself: hops, sessions, "
+            "LMDB, files (0: an eighth of the limit, 64 to 1024)"
+        },
+    )
+    max_connections_per_peer: int = field(
+        default=0,
+        metadata={
+            "help": "inbound connections per client address (0: no limit; ring members are exempt)"
+        },
+    )
+    peer_limit_loopback: bool = field(
+        default=False,
+        metadata={"help": "apply max_connections_per_peer to loopback clients too"},
+    )
+    listen_backlog: int = field(
+        default=4096,
+        metadata={"help": "connections the kernel queues before accept (capped by somaxconn)"},
+    )
+    overload_lag_ms: float = field(
+        default=25.0,
+        metadata={
+            "help": "inference requests get 503 + Retry-After while the event loop "
+            "lags this much behind (0: no admission control)"
+        },
+    )
+    log_repeat_interval_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "a repeated log line (same logger, message and error) is written "
+            "once per interval, with the count of those suppressed (0: all)"
+        },
+    )
+
     def check_server(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
@@ -110,6 +205,41 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be 0 (no limit) or more, got {getattr(self, name)}")
         if self.signature_window_s <= 0:
             raise ConfigError(f"signature_window_s must be above 0, got {self.signature_window_s}")
+        self.check_connections()
+
+    def check_connections(self) -> None:
+        positive = (
+            "header_timeout_s",
+            "idle_timeout_s",
+            "member_idle_timeout_s",
+            "body_grace_s",
+            "write_timeout_s",
+            "member_stall_timeout_s",
+            "tls_handshake_timeout_s",
+            "listen_backlog",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be above 0, got {getattr(self, name)}")
+        at_least_zero = (
+            "body_min_bytes_per_s",
+            "body_timeout_s",
+            "max_connections",
+            "connection_reserve",
+            "max_connections_per_peer",
+            "overload_lag_ms",
+            "log_repeat_interval_s",
+        )
+        for name in at_least_zero:
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"{name} must be 0 (off or automatic) or more, got {getattr(self, name)}"
+                )
+        if self.member_idle_timeout_s <= 60:  # the ring's pools keep idle connections 60 s
+            raise ConfigError(
+                f"member_idle_timeout_s must stay above 60 s, the keep-alive of the ring's "
+                f"connection pools, or pooled hops are cut; got {self.member_idle_timeout_s}"
+            )
 
 
 @dataclass(frozen=True)

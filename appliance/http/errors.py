@@ -25,6 +25,7 @@ from appliance.errors import (
     UnsupportedMediaType,
     UpstreamError,
 )
+from appliance.http.limits import BodyTooSlow
 from cache.errors import JobNotFound
 from runtime.errors import (
     DeadlineExceeded,
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 # Order matters: the first class an error is an instance of decides its status.
 STATUS_OF: list[tuple[type[Exception], int]] = [
+    (BodyTooSlow, 408),  # a TimeoutError: before anything that might match that
     (BodyTooLarge, 413),
     (TooManyElements, 413),
     (Unauthorized, 401),

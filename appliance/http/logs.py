@@ -10,14 +10,16 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
+
+from appliance.http import log_limits
 
 REQUEST_ID_HEADER = "X-Request-Id"
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
@@ -57,13 +59,24 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(level: str = "info", fmt: str = "text") -> None:
+def configure_logging(
+    level: str = "info", fmt: str = "text", repeat_interval_s: float = 10.0
+) -> None:
+    """One handler on stderr; repeated lines rate-limited (``log_limits``; the process runner
+    sets the interval from ``log_repeat_interval_s``)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_RequestIdFilter())
+    log_limits.install(handler, repeat_interval_s)
+    # what no formatter here prints, not computed for every record (the logging HOWTO's
+    # "Optimization"): under load the access log is a line per request
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -74,7 +87,8 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     """Give the request an id for every log line and every hop it causes: the client's
     X-Request-Id when it is a short token (it travels on as a header), else a new one."""
     offered = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = offered if SAFE_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex[:16]
+    # 16 hex digits, as uuid4().hex[:16] gave, without building a UUID on every request
+    request_id = offered if SAFE_REQUEST_ID.fullmatch(offered) else os.urandom(8).hex()
     token = current_request_id.set(request_id)
     try:
         response = await handler(request)

@@ -1,4 +1,6 @@
-"""The one process runner: listen, announce, catch SIGINT/SIGTERM, drain, stop.
+"""The one process runner: listen, announce, catch SIGINT/SIGTERM, drain, stop; and what every
+listening socket gets: the descriptor limit raised, the connection budget, timeouts on every
+phase of a request, shedding near the cap, admission by load (``guards.py``).
 
 Every server process (a node, a coordinator, ``appliance serve``) runs through ``Server``, as
 uvicorn's one ``Server`` class owns signals, startup and graceful shutdown, so no entry point
@@ -17,7 +19,17 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from appliance.config import ServerConfig
+from appliance.http import log_limits
+from appliance.http.guards import GUARDS, Guards, connection_middleware
+from appliance.http.limits import (
+    Budget,
+    ConnectionSettings,
+    current_descriptor_limit,
+    raise_descriptor_limit,
+)
+from appliance.http.limits import budget as connection_budget
 from appliance.http.logs import AccessLogger
+from appliance.http.site import ACCEPT_ERRORS, GuardedSite
 from appliance.sd_notify import notify, start_watchdog
 from appliance.security.tls import server_context
 
@@ -37,17 +49,46 @@ async def start_app(
     port: int,
     access_log: bool = False,
     ssl_context: ssl.SSLContext | None = None,
+    budget: Budget | None = None,
 ) -> tuple[web.AppRunner, int]:
-    """Listen on host:port (0 = any free port); returns the runner and the bound port."""
+    """Listen on host:port (0 = any free port); returns the runner and the bound port.
+
+    Connections go through the app's guards (``new_app`` made them; a bare app gets default
+    ones): every phase of a request has its timeout, inbound connections are capped by
+    ``budget`` (default: the current descriptor limit minus the reserve), and inference
+    requests are admitted by the loop's lag."""
+    guards = app.get(GUARDS)
+    if guards is None:  # an app not made by new_app: track its connections all the same
+        guards = Guards.of(None)
+        app[GUARDS] = guards
+        app.middlewares.insert(0, connection_middleware(guards.tracker))
+    settings = guards.settings
+
+    async def stop_guards(app: web.Application) -> None:
+        await guards.stop()
+
+    app.on_cleanup.append(stop_guards)
+    guards.access_log = logging.getLogger("appliance.access") if access_log else None
     runner = web.AppRunner(
         app,
-        access_log=logging.getLogger("appliance.access") if access_log else None,
+        access_log=guards.access_log,
         access_log_class=AccessLogger,
         handler_cancellation=True,  # a client that goes away cancels its queued work
         auto_decompress=False,  # body.py decodes, so the size limit holds after decompression
+        keepalive_timeout=settings.keepalive_backstop_s,  # the tracker ends idle ones first
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
+    guards.start(budget or connection_budget(settings, current_descriptor_limit()))
+    site = GuardedSite(
+        runner,
+        host,
+        port,
+        guards.tracker,
+        ssl_context,
+        settings.listen_backlog,
+        settings.tls_handshake_timeout_s,
+        guards.fast,
+    )
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     return runner, int(bound)
@@ -55,7 +96,27 @@ async def start_app(
 
 async def listen(app: web.Application, config: ServerConfig) -> Listening:
     tls = server_context(config.tls_cert, config.tls_key, config.tls_ca)
-    runner, port = await start_app(app, config.host, config.port, config.access_log, tls)
+    repeat = log_limits.installed()
+    if repeat is not None:
+        repeat.interval_s = config.log_repeat_interval_s
+    ACCEPT_ERRORS.interval_s = config.log_repeat_interval_s or 1.0
+    descriptors = raise_descriptor_limit()
+    budget = connection_budget(ConnectionSettings.of(config), descriptors)
+    if budget.cap > descriptors - budget.reserve:
+        log.warning(
+            "max_connections %d is above the descriptor limit %d minus the reserve %d: "
+            "inbound connections may exhaust the descriptors this process needs",
+            budget.cap,
+            descriptors,
+            budget.reserve,
+        )
+    log.info(
+        "descriptor limit %d: up to %d inbound connections, %d kept in reserve",
+        descriptors,
+        budget.cap,
+        budget.reserve,
+    )
+    runner, port = await start_app(app, config.host, config.port, config.access_log, tls, budget)
     host = f"[{config.host}]" if ":" in config.host else config.host
     return Listening(runner, port, f"{'https' if tls else 'http'}://{host}:{port}")
 

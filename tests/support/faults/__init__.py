@@ -11,4 +11,7 @@ lost. ``tests/faults/`` runs the scenarios with small loads and asserts the coun
 - ``storage``: the result cache's map full or folder removed, a tampered segment file, a full
   disk during export;
 - ``inputs``: malformed requests of every kind among good ones.
+- ``clients``: slow, silent and never-reading clients beside a good one;
+- ``flood``: thousands of idle connections, and the descriptor limit reached;
+- ``loadgen`` and ``overload``: an open-loop load at twice capacity, its admission and recovery.
 """

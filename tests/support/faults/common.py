@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import onnxruntime as ort
@@ -171,6 +171,26 @@ class Tally:
         self.failed += 1
         if len(self.errors) < 5:
             self.errors.append(f"{answer.status}: {answer.body[:300]!r}")
+
+
+class Background:
+    """A thread running ``_run`` between ``with`` and its end; ``_run`` stops once ``_stop`` is
+    set."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        raise NotImplementedError
 
 
 class Load:
