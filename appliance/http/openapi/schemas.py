@@ -158,6 +158,17 @@ def _schemas() -> dict[str, Any]:
             ["nodes", "placements", "models"],
             nodes={"type": "array", "items": {"type": "object"}},
             placements={"type": "object"},
-            models={"type": "object", "additionalProperties": _STR},
+            models={
+                "type": "object",
+                "description": "each model's serving version and any version loading or retiring",
+                "additionalProperties": _obj(
+                    ["serving_version", "serving_digest", "retiring_digests"],
+                    serving_version=_STR,
+                    serving_digest=_STR,
+                    loading_version={"type": "string", "nullable": True},
+                    loading_digest={"type": "string", "nullable": True},
+                    retiring_digests={"type": "array", "items": _STR},
+                ),
+            },
         ),
     }
