@@ -520,6 +520,17 @@ class CoordinatorConfig(ServerConfig):
     generation_timeout_s: float = field(
         default=600.0, metadata={"help": "generation: the longest one request may run"}
     )
+    step_timeout_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "generation: a decode step not answered in this long counts its chain as "
+            "lost (a prefill gets one more per 64 tokens); the sequence is replayed elsewhere"
+        },
+    )
+    max_replays: int = field(
+        default=3,
+        metadata={"help": "generation: times one sequence's chain may be rebuilt"},
+    )
     drain_timeout_s: float = field(
         default=60.0,
         metadata={
@@ -549,6 +560,10 @@ class CoordinatorConfig(ServerConfig):
             raise ConfigError(f"replicas must be at least 1, got {self.replicas}")
         if self.stages < 0:
             raise ConfigError(f"stages must be 0 (automatic) or more, got {self.stages}")
+        if not self.step_timeout_s > 0:
+            raise ConfigError(f"step_timeout_s must be above 0, got {self.step_timeout_s}")
+        if self.max_replays < 0:
+            raise ConfigError(f"max_replays must be 0 or more, got {self.max_replays}")
         if not self.drain_timeout_s > 0:
             raise ConfigError(f"drain_timeout_s must be above 0, got {self.drain_timeout_s}")
         if not self.generation_timeout_s > 0:

@@ -1,4 +1,4 @@
-"""An asynchronous inference job and its stored form.
+"""An asynchronous job (an inference, or a generation answered whole) and its stored form.
 
 Stored as three values under the job id: the metadata (JSON), the request body and, once there
 is one, the result body. Bodies stay raw bytes so a multi-megabyte tensor body is never
@@ -33,12 +33,16 @@ class Job:
     result: bytes | None = None
     result_header_length: int | None = None
     error: str | None = None
+    # what the job runs: "infer" (a v2 body), or a generation route ("generate", "completions",
+    # "chat_completions": a JSON body, the answer that route gives without streaming)
+    kind: str = "infer"
 
     def public(self) -> dict[str, Any]:
         """What a client may see of the job: no bodies, no owner."""
         view: dict[str, Any] = {
             "id": self.id,
             "model": self.model,
+            "kind": self.kind,
             "status": self.status,
             "created": self.created,
             "finished": self.finished,
@@ -76,6 +80,7 @@ def encode_meta(job: Job) -> bytes:
             "owner": job.owner,
             "result_header_length": job.result_header_length,
             "error": job.error,
+            "kind": job.kind,
         }
     )
 
@@ -83,6 +88,7 @@ def encode_meta(job: Job) -> bytes:
 def decode_meta(raw: bytes, request: bytes, result: bytes | None) -> Job:
     """A job from its stored metadata and bodies."""
     meta = orjson.loads(raw)
+    meta.setdefault("kind", "infer")  # stored before generation jobs existed
     return Job(request=request, result=result, **meta)
 
 

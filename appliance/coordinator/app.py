@@ -12,6 +12,7 @@ from aiohttp import web
 from appliance.config import CoordinatorConfig
 from appliance.coordinator import routes
 from appliance.coordinator.generation.routes import ROUTES as GENERATION_ROUTES
+from appliance.coordinator.generation.routes import generation_jobs
 from appliance.coordinator.keys import COORDINATOR
 from appliance.coordinator.members import INTERNAL_ROUTES
 from appliance.coordinator.service import Coordinator
@@ -84,6 +85,7 @@ def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
         cache = _result_cache(config, state)
         store = JobStore(Path(config.jobs_dir or state / "jobs"), result_ttl_s=config.job_ttl_s)
         service = Coordinator(config, clients, cache, store)
+        service.job_kinds.update(generation_jobs(service))
         app[COORDINATOR] = service
         await service.start()
         yield

@@ -73,6 +73,25 @@ class CoordinatorMetrics:
             ["node", "what"],
             registry=r,
         )
+        self.replays = Counter(
+            "appliance_generation_replays",
+            "sequences whose chain was rebuilt on other replicas after a node was lost",
+            ["model"],
+            registry=r,
+        )
+        self.replay_seconds = Histogram(
+            "appliance_generation_replay_seconds",
+            "from a lost step to the token of the rebuilt chain (probe, open, replay)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generation_cache = Counter(
+            "appliance_generation_cache",
+            "greedy generation requests answered from the result cache (hit) or not",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.switches = Counter(
             "appliance_version_switches",
             "times a model's route flipped to a new version or placement",

@@ -183,7 +183,9 @@ async def job_status(request: web.Request) -> web.Response:
     """The job; once succeeded, its result in the JSON form of a sync answer."""
     job = coordinator_of(request).jobs.get(request.match_info["job"], caller_of(request))
     view = job.public()
-    if job.status == "succeeded" and job.result is not None:
+    if job.status == "succeeded" and job.result is not None and job.kind != "infer":
+        view["result"] = orjson.loads(job.result)  # a generation route's JSON answer
+    elif job.status == "succeeded" and job.result is not None:
         result = decode_response(job.result, job.result_header_length)
         payload, _ = encode_response(
             result.model_name,

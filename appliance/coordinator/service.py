@@ -17,7 +17,7 @@ from typing import Any
 
 from appliance.config import CoordinatorConfig
 from appliance.coordinator import switch
-from appliance.coordinator.async_jobs import JobRunner
+from appliance.coordinator.async_jobs import JobRunner, RunJob
 from appliance.coordinator.cluster import Cluster
 from appliance.coordinator.entries import ModelEntry, open_entry
 from appliance.coordinator.hop_batcher import HopBatcher
@@ -32,6 +32,7 @@ from appliance.http.errors import status_of
 from appliance.ring.clients import InternalClients
 from appliance.ring.hop_client import HopClient, HopSettings
 from appliance.ring.protocol import PeerUrl
+from cache.job import Job
 from cache.job_store import JobStore
 from cache.result_cache import ResultCache
 from runtime.errors import ModelNotFound, ModelNotReady
@@ -86,9 +87,11 @@ class Coordinator:
         self.texts: dict[str, PackageText] = {}  # tokenizers and chat templates, by digest
         self.sequences_on: dict[PeerUrl, int] = {}  # live sequences by first-span node
         self.inference = InferencePath(self)
+        # what each kind of job runs (the generation routes add theirs when the app is built)
+        self.job_kinds: dict[str, RunJob] = {"infer": self.inference.run_job}
         self.jobs = JobRunner(
             job_store,
-            self.inference.run_job,
+            self._run_job,
             config.job_workers,
             config.job_ttl_s,
             transient=lambda exc: status_of(exc) == 503,
@@ -127,6 +130,13 @@ class Coordinator:
                 if name in self.models
             },
         )
+
+    async def _run_job(self, job: Job) -> tuple[bytes, int | None]:
+        run = self.job_kinds.get(job.kind)
+        if run is None:
+            kinds = ", ".join(sorted(self.job_kinds))
+            raise BadRequest(f"job {job.id} is of kind {job.kind!r}; this coordinator runs {kinds}")
+        return await run(job)
 
     def track(self, task: asyncio.Task[Any]) -> None:
         self._tasks = [t for t in self._tasks if not t.done()]

@@ -4,7 +4,6 @@ sampling, stops, KV that is reserved and freed, and bad input answered with what
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,49 +12,20 @@ import numpy as np
 import openai
 import pytest
 
-from exporter.decoder_verify import greedy, load_chain
-from runtime.package import open_package
-from runtime.session import SessionSettings
-from runtime.text import PackageText
 from tests.conftest import RunningCoordinator, StartCoordinator
-from tests.models import dense_model, put_model
 from tests.support.tiny_llm import shared_tiny_package
-
-MODEL = "tiny-llm"
+from tests.support.tiny_ring import MODEL, in_process_greedy, kv_reserved, start_tiny_ring
 
 
 @pytest.fixture
 async def ring(start_coordinator: StartCoordinator, tmp_path: Path) -> RunningCoordinator:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / MODEL).symlink_to(shared_tiny_package() / MODEL)  # read-only, exported once
-    put_model(repo, "dense", dense_model())
-    running = await start_coordinator(repo, nodes=2, max_tokens_limit=1000)
-    await running.service.load(MODEL, 2, 1)
-    await running.service.load("dense", 1, 1)
-    return running
+    return await start_tiny_ring(start_coordinator, tmp_path)
 
 
 @pytest.fixture
 async def client(ring: RunningCoordinator) -> AsyncIterator[openai.AsyncOpenAI]:
     async with openai.AsyncOpenAI(base_url=ring.url + "/v1", api_key="none", max_retries=0) as c:
         yield c
-
-
-def in_process_greedy(prompt: str, tokens: int) -> tuple[list[int], PackageText]:
-    package = open_package(shared_tiny_package(), MODEL)
-    assert package.manifest is not None and package.manifest.generation is not None
-    info = package.manifest.generation
-    text = PackageText.open(package.folder, info.tokenizer, info.chat_template,
-                            info.bos_token_id, info.eos_token_ids)  # fmt: skip
-    chain = load_chain(package, package.manifest.default_stages, SessionSettings(device="cpu"))
-    return greedy(chain, text.encode(prompt), tokens, list(info.eos_token_ids)), text
-
-
-async def kv_reserved(ring: RunningCoordinator) -> list[int]:
-    """Every node's reserved KV bytes, as its latest heartbeat reports them."""
-    await asyncio.sleep(0.5)  # heartbeats every 0.2 s
-    return [int(m.load.get("kv_reserved_bytes", -1)) for m in ring.service.cluster.members.values()]
 
 
 async def test_greedy_through_two_spans_equals_the_in_process_chain_and_streams_the_same(

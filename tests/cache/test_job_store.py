@@ -71,6 +71,7 @@ async def test_submit_get_update_round_trip(open_store: OpenStore) -> None:
     assert stored is not None and stored.public() == {
         "id": job.id,
         "model": "minilm",
+        "kind": "infer",
         "status": "failed",
         "created": job.created,
         "finished": done.finished,

@@ -250,7 +250,7 @@ def switch_under_load(
 
 
 def _record(label: str, load: str, result: SwitchResult, old: str, new: str) -> FaultRecord:
-    record = FaultRecord(label, load, group="fault")
+    record = FaultRecord(label, load, group="switch")
     record.sent = result.total
     record.failed = (
         result.count("error")

@@ -38,6 +38,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     stream: bool = False
     include_usage: bool = False  # OpenAI's stream_options.include_usage
+    return_token_ids: bool = False  # vLLM's extension: each choice (and chunk) has token_ids
 
 
 # fields a client may send that change nothing here (identity, metadata), and fields whose
@@ -154,7 +155,10 @@ def _model(body: Mapping[str, Any]) -> str:
     return model
 
 
-_COMMON = {"model", "max_tokens", "stream", "stream_options", "stop", "ignore_eos", *_SAMPLING}
+_COMMON = {
+    "model", "max_tokens", "stream", "stream_options", "stop", "ignore_eos", "return_token_ids",
+    *_SAMPLING,
+}  # fmt: skip
 
 
 def completion_request(
@@ -179,6 +183,7 @@ def completion_request(
         ignore_eos=_boolean(body, "ignore_eos"),
         stream=_boolean(body, "stream"),
         include_usage=_stream_options(body),
+        return_token_ids=_boolean(body, "return_token_ids"),
     )
 
 
@@ -203,6 +208,7 @@ def chat_request(
         ignore_eos=_boolean(body, "ignore_eos"),
         stream=_boolean(body, "stream"),
         include_usage=_stream_options(body),
+        return_token_ids=_boolean(body, "return_token_ids"),
     )
 
 

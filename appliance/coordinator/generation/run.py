@@ -1,10 +1,12 @@
-"""The token loop: one sequence through its pinned route, driven by the coordinator.
+"""The token loop: one sequence through its pinned chain, driven by the coordinator.
 
 Open (every span reserves KV for prompt + max_tokens), prefill (the prompt's ids, one step),
 then one step per token: the last span samples and answers the token, the coordinator
-detokenises it, checks the stop conditions and sends it back in as the next step. The
-sequence is closed on every span when it ends, fails, or its client goes away (the task is
-cancelled: the close still runs).
+detokenises it, checks the stop conditions and sends it back in as the next step. A chain that
+loses a node is rebuilt and replayed (``chain``). The sequence is closed on every span when it
+ends, fails, or its client goes away (a disconnect is checked before every step; a cancelled
+task still closes). A greedy request is answered from the result cache when the same prompt
+and settings were generated before on the same bytes.
 
 Why the coordinator drives the steps rather than the ring (the last node handing the token
 straight to the first, as exo does): measured, the extra hops of a 3-span chain cost a few
@@ -19,8 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,13 +29,13 @@ import numpy as np
 import orjson
 
 from appliance.coordinator.entries import ModelEntry
+from appliance.coordinator.generation.chain import SequenceChain
 from appliance.coordinator.generation.requests import GenerationRequest
 from appliance.coordinator.placement import Placement
+from appliance.coordinator.request_policy import CacheControl
 from appliance.coordinator.switch import counting
 from appliance.errors import BadRequest
-from appliance.ring import protocol as rp
-from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain
-from runtime.codec import encode_request
+from cache.keys import cache_key
 from runtime.deadline import Deadline
 from runtime.text import PackageText, StopMatcher
 
@@ -79,15 +80,17 @@ class GenerationRun:
         text: PackageText,
         request: GenerationRequest,
         request_id: str,
+        cache_control: CacheControl | None = None,
+        disconnected: Callable[[], bool] = lambda: False,
     ) -> None:
         info = entry.manifest.generation
         if info is None:
             raise BadRequest(f"model {entry.name} is not a generation model")
         self.c = coordinator
         self.entry = entry
-        self.placement = placement
         self.text = text
         self.request = request
+        self.disconnected = disconnected
         self.ids = prompt_ids(text, request)
         if not self.ids:
             raise BadRequest("the prompt is empty once tokenised; give some text")
@@ -107,105 +110,114 @@ class GenerationRun:
             )
         self.max_tokens = asked if asked is not None else min(room, limit)
         self.usage = Usage(prompt_tokens=len(self.ids))
-        self.ref = SequenceRef(entry.name, entry.digest, uuid.uuid4().hex, request_id)
         self.deadline = Deadline.after(coordinator.config.generation_timeout_s)
-        self.first_token_s: float | None = None
-
-    def _route(self) -> list[rp.RouteStep]:
-        """One replica per span, pinned for the sequence's life (its KV lives there)."""
-        route = self.c.cluster.route(
-            self.entry.name, self.entry.digest, len(self.entry.sizes), self.placement,
-            time.monotonic(),
+        self.chain = SequenceChain(
+            coordinator, entry, placement, request.sampling, len(self.ids) + self.max_tokens,
+            request_id, self.deadline,
         )  # fmt: skip
-        live = [u for u in route[0].replicas if not self.c.hops.is_ejected(u)]
-        first = min(live or route[0].replicas, key=self._load_of)
-        pinned = [rp.RouteStep(route[0].first, route[0].last, (first,))]
-        pinned += [rp.RouteStep(s.first, s.last, s.replicas[:1]) for s in route[1:]]
-        return pinned
+        self.first_token_s: float | None = None
+        self.cache_control = cache_control or CacheControl()
+        self._eos = set(info.eos_token_ids)
+        self._detok = text.detokenizer(context=self.ids[-8:])
+        self._stops = StopMatcher(request.stop)
 
-    def _load_of(self, url: rp.PeerUrl) -> int:
-        return self.c.sequences_on.get(url, 0)
+    @property
+    def replays(self) -> int:
+        return self.chain.replays
 
-    async def chunks(self) -> AsyncIterator[Chunk]:
+    def _cache_key(self) -> bytes | None:
+        """Greedy requests only (the same prompt and settings give the same tokens)."""
+        s = self.request.sampling
+        if self.c.cache is None or not (s.temperature == 0 or s.top_k == 1):
+            return None
+        settings = [self.max_tokens, self.request.stop, self.request.ignore_eos]
+        inputs: dict[str, np.ndarray] = {
+            "prompt_ids": np.asarray(self.ids, dtype=np.int64),
+            "settings": np.frombuffer(orjson.dumps(settings), dtype=np.uint8),
+        }
+        return cache_key(self.entry.digest, inputs, ["generated_ids"])
+
+    async def chunks(self) -> AsyncGenerator[Chunk, None]:
         # counted from before it opens: a version switch retires these bytes only after
         with counting(self.c.live_sequences, self.entry.digest):
-            async for chunk in self._chunks():
+            key = self._cache_key()
+            cached = None
+            if key is not None and self.cache_control.read and self.c.cache is not None:
+                cached = self.c.cache.get(key)
+                outcome = "hit" if cached is not None else "miss"
+                self.c.metrics.generation_cache.labels(self.entry.name, outcome).inc()
+            if cached is not None:
+                for token in cached["generated_ids"].tolist():
+                    chunk = self._accept(int(token))
+                    yield chunk
+                    if chunk.finish_reason:
+                        return
+                return
+            async for chunk in self._generate(key):
                 yield chunk
 
-    async def _chunks(self) -> AsyncIterator[Chunk]:
-        post = self.c.clients.hop
-        route = self._route()
-        first_url = route[0].replicas[0]
-        sampling = self.request.sampling
-        opening = orjson.dumps(
-            {
-                "reserve": len(self.ids) + self.max_tokens,
-                "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k,
-                             "top_p": sampling.top_p, "seed": sampling.seed},
-            }
-        )  # fmt: skip
-        await call_chain(post, OPEN, route, self.ref, self.deadline, opening)
-        self.c.sequences_on[first_url] = self.c.sequences_on.get(first_url, 0) + 1
+    async def _generate(self, key: bytes | None) -> AsyncGenerator[Chunk, None]:
+        chain = self.chain
+        await chain.open()
+        counted = chain.first_url
+        self.c.sequences_on[counted] = self.c.sequences_on.get(counted, 0) + 1
         metrics = self.c.metrics
         metrics.sequences.labels(self.entry.name).inc()
         metrics.tokens.labels(self.entry.name, "prompt").inc(len(self.ids))
-        started = time.perf_counter()
+        started = last = time.perf_counter()
+        generated: list[int] = []
+        feed = self.ids
         try:
-            async for chunk in self._loop(route, started):
+            while True:
+                if self.disconnected():
+                    log.info("sequence %s: its client went away after %d token(s)",
+                             chain.ref.sequence_id, len(generated))  # fmt: skip
+                    return
+                token = await chain.step(feed)
+                if chain.first_url != counted:  # rebuilt elsewhere
+                    self.c.sequences_on[counted] -= 1
+                    counted = chain.first_url
+                    self.c.sequences_on[counted] = self.c.sequences_on.get(counted, 0) + 1
+                now = time.perf_counter()
+                if self.first_token_s is None:
+                    self.first_token_s = now - started
+                    metrics.ttft.labels(self.entry.name).observe(self.first_token_s)
+                else:
+                    metrics.itl.labels(self.entry.name).observe(now - last)
+                last = now
+                generated.append(token)
+                chunk = self._accept(token)
                 yield chunk
+                if chunk.finish_reason:
+                    self._offer(key, generated)
+                    return
+                feed = [token]
         finally:
-            self.c.sequences_on[first_url] -= 1
+            self.c.sequences_on[counted] -= 1
             metrics.sequences.labels(self.entry.name).dec()
             # freed on every span even when the client went away (this task is cancelled)
             with contextlib.suppress(BaseException):
-                await asyncio.shield(self._close(route))
+                await asyncio.shield(chain.close())
 
-    async def _close(self, route: list[rp.RouteStep]) -> None:
-        try:
-            await call_chain(self.c.clients.hop, CLOSE, route, self.ref, Deadline.after(5), b"{}")
-        except Exception as exc:  # the nodes free it by their TTL
-            log.info("closing sequence %s: %s", self.ref.sequence_id, exc)
+    def _accept(self, token: int) -> Chunk:
+        """The chunk one sampled token makes; with a finish reason when it ends the text."""
+        if token in self._eos and not self.request.ignore_eos:
+            return Chunk(_rest(self._detok.flush(), self._stops), [], "stop")
+        self.usage.completion_tokens += 1
+        self.c.metrics.tokens.labels(self.entry.name, "completion").inc()
+        text, matched = self._stops.push(self._detok.push(token))
+        if matched:
+            return Chunk(text, [token], "stop")
+        if self.usage.completion_tokens >= self.max_tokens:
+            return Chunk(text + _rest(self._detok.flush(), self._stops), [token], "length")
+        return Chunk(text, [token])
 
-    async def _loop(self, route: list[rp.RouteStep], started: float) -> AsyncIterator[Chunk]:
-        info = self.entry.manifest.generation
-        assert info is not None  # checked in __init__
-        eos = set(info.eos_token_ids)
-        detok = self.text.detokenizer(context=self.ids[-8:])
-        stops = StopMatcher(self.request.stop)
-        position, feed = 0, self.ids
-        metrics = self.c.metrics
-        last = started
-        while True:
-            token = await self._step(route, position, feed)
-            now = time.perf_counter()
-            if self.first_token_s is None:
-                self.first_token_s = now - started
-                metrics.ttft.labels(self.entry.name).observe(self.first_token_s)
-            else:
-                metrics.itl.labels(self.entry.name).observe(now - last)
-            last = now
-            position += len(feed)
-            if token in eos and not self.request.ignore_eos:
-                yield Chunk(_rest(detok.flush(), stops), [], "stop")
-                return
-            self.usage.completion_tokens += 1
-            metrics.tokens.labels(self.entry.name, "completion").inc()
-            text, matched = stops.push(detok.push(token))
-            if matched:
-                yield Chunk(text, [token], "stop")
-                return
-            if self.usage.completion_tokens >= self.max_tokens:
-                yield Chunk(text + _rest(detok.flush(), stops), [token], "length")
-                return
-            yield Chunk(text, [token])
-            feed = [token]
-
-    async def _step(self, route: list[rp.RouteStep], position: int, ids: list[int]) -> int:
-        body, length = encode_request({"input_ids": np.asarray([ids], dtype=np.int64)})
-        answer = await call_chain(
-            self.c.clients.hop, STEP, route, self.ref, self.deadline, body, position, length
-        )
-        return int(orjson.loads(answer)["token"])
+    def _offer(self, key: bytes | None, generated: list[int]) -> None:
+        if key is not None and self.cache_control.write and self.c.cache is not None:
+            ttl = self.c.cache_policies.get(self.entry.name, self.c.default_cache_policy)
+            if ttl.enabled:
+                self.c.cache.offer(key, {"generated_ids": np.asarray(generated, np.int64)},
+                                   ttl.ttl_s)  # fmt: skip
 
 
 def _rest(text: str, stops: StopMatcher) -> str:

@@ -13,7 +13,14 @@ def model_card(name: str, created: int) -> dict[str, Any]:
 
 
 def completion(
-    ident: str, created: int, model: str, text: str, finish: str | None, usage: Usage, chat: bool
+    ident: str,
+    created: int,
+    model: str,
+    text: str,
+    finish: str | None,
+    usage: Usage,
+    chat: bool,
+    token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     if chat:
         choice: dict[str, Any] = {
@@ -24,6 +31,8 @@ def completion(
         }
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    if token_ids is not None:  # asked for with return_token_ids, as vLLM answers it
+        choice["token_ids"] = token_ids
     return {
         "id": ident,
         "object": "chat.completion" if chat else "text_completion",
@@ -35,7 +44,13 @@ def completion(
 
 
 def chunk(
-    ident: str, created: int, model: str, piece: Chunk, chat: bool, first: bool
+    ident: str,
+    created: int,
+    model: str,
+    piece: Chunk,
+    chat: bool,
+    first: bool,
+    token_ids: bool = False,
 ) -> dict[str, Any]:
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": piece.text} if first else {}
@@ -54,6 +69,8 @@ def chunk(
             "finish_reason": piece.finish_reason,
             "logprobs": None,
         }
+    if token_ids:
+        choice["token_ids"] = piece.token_ids
     return {
         "id": ident,
         "object": "chat.completion.chunk" if chat else "text_completion",

@@ -29,6 +29,36 @@ _RETRY_AFTER = {
 }
 
 
+PREFER = {
+    "name": "Prefer",
+    "in": "header",
+    "description": "respond-async: answer 202 with a job (RFC 7240; other preferences "
+    "are ignored, a malformed header is a 400)",
+    "schema": {"type": "string", "enum": ["respond-async"]},
+}
+CACHE_CONTROL = {
+    "name": "Cache-Control",
+    "in": "header",
+    "description": "no-cache: not answered from the result cache; no-store: not kept",
+    "schema": {"type": "string", "enum": ["no-cache", "no-store", "no-cache, no-store"]},
+}
+
+
+def accepted_job() -> dict[str, Any]:
+    """The 202 of ``Prefer: respond-async``: the job, where to poll it."""
+    return {
+        "description": "Prefer: respond-async: the job is durably queued",
+        "headers": {
+            "Location": {
+                "required": True,
+                "schema": {"type": "string", "pattern": "^/v2/jobs/[0-9a-f]+$"},
+            },
+            "Preference-Applied": {"required": True, "schema": {"type": "string"}},
+        },
+        "content": _json(_ref("Job")),
+    }
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.http.openapi.common import _STR, _json, _obj, _ok, _op, _ref
+from appliance.http.openapi.common import (
+    _STR,
+    CACHE_CONTROL,
+    PREFER,
+    _json,
+    _obj,
+    _ok,
+    _op,
+    _ref,
+    accepted_job,
+)
 
 SSE = "text/event-stream"
 # one server-sent event as clients (and schemathesis) parse it: the JSON text of a chunk in data
@@ -24,6 +34,13 @@ _SAMPLING = {
         "nullable": True,
     },
     "ignore_eos": {"type": "boolean", "description": "go on past the end-of-sequence token"},
+}
+# a whole answer may be a durable job instead (not a stream: that is a 400), and greedy ones
+# are answered from the result cache
+_WHOLE: dict[str, Any] = {"headers": [PREFER, CACHE_CONTROL], "accepted": accepted_job()}
+_TOKEN_IDS = {
+    "type": "boolean",
+    "description": "vLLM's extension: each choice (and streamed chunk) carries its token_ids",
 }
 _STREAMING = {
     "stream": {"type": "boolean"},
@@ -58,6 +75,7 @@ def generation_paths() -> dict[str, Any]:
                 errors,
                 path=("model",),
                 body=triton_body,
+                **_WHOLE,
             )
         },
         "/v2/models/{model}/generate_stream": {
@@ -84,6 +102,7 @@ def generation_paths() -> dict[str, Any]:
                 errors,
                 body={"required": True, "content": _json(_ref("CompletionRequest"))},
                 errors_as="O",
+                **_WHOLE,
             )
         },
         "/v1/chat/completions": {
@@ -93,6 +112,7 @@ def generation_paths() -> dict[str, Any]:
                 errors,
                 body={"required": True, "content": _json(_ref("ChatRequest"))},
                 errors_as="O",
+                **_WHOLE,
             )
         },
     }
@@ -140,6 +160,7 @@ def generation_schemas() -> dict[str, Any]:
             ["model", "prompt"],
             model=_STR,
             prompt={"oneOf": [_STR, {"type": "array", "items": _STR, "maxItems": 1}]},
+            return_token_ids=_TOKEN_IDS,
             **_SAMPLING,
             **_STREAMING,
         ),
@@ -148,6 +169,7 @@ def generation_schemas() -> dict[str, Any]:
             model=_STR,
             messages={"type": "array", "items": message, "minItems": 1},
             max_completion_tokens={"type": "integer", "minimum": 1},
+            return_token_ids=_TOKEN_IDS,
             **_SAMPLING,
             **_STREAMING,
         ),
@@ -160,7 +182,11 @@ def generation_schemas() -> dict[str, Any]:
             choices={
                 "type": "array",
                 "items": _obj(
-                    ["index", "text", "finish_reason"], index=_INT, text=_STR, finish_reason=finish
+                    ["index", "text", "finish_reason"],
+                    index=_INT,
+                    text=_STR,
+                    finish_reason=finish,
+                    token_ids={"type": "array", "items": _INT},
                 ),
             },  # fmt: skip
             usage=usage,
@@ -178,6 +204,7 @@ def generation_schemas() -> dict[str, Any]:
                     index=_INT,
                     message=message,
                     finish_reason=finish,
+                    token_ids={"type": "array", "items": _INT},
                 ),
             },  # fmt: skip
             usage=usage,

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.http.openapi.common import BINARY, _json, _ok, _op, _ref
+from appliance.http.openapi.common import (
+    BINARY,
+    CACHE_CONTROL,
+    PREFER,
+    _json,
+    _ok,
+    _op,
+    _ref,
+    accepted_job,
+)
 from runtime.codec import HEADER_LENGTH
 
 
@@ -16,19 +25,8 @@ def _model_paths(prefix: str, path: tuple[str, ...]) -> dict[str, Any]:
             "description": "length of the JSON part of a body with binary tensor data",
             "schema": {"type": "integer", "minimum": 0},
         },
-        {
-            "name": "Prefer",
-            "in": "header",
-            "description": "respond-async: answer 202 with a job (RFC 7240; other preferences "
-            "are ignored, a malformed header is a 400)",
-            "schema": {"type": "string", "enum": ["respond-async"]},
-        },
-        {
-            "name": "Cache-Control",
-            "in": "header",
-            "description": "no-cache: not answered from the result cache; no-store: not kept",
-            "schema": {"type": "string", "enum": ["no-cache", "no-store", "no-cache, no-store"]},
-        },
+        PREFER,
+        CACHE_CONTROL,
         {
             "name": "Content-Encoding",
             "in": "header",
@@ -53,24 +51,13 @@ def _model_paths(prefix: str, path: tuple[str, ...]) -> dict[str, Any]:
             BINARY: {"schema": {"type": "string", "format": "binary"}},
         },
     }
-    accepted = {
-        "description": "Prefer: respond-async: the job is durably queued",
-        "headers": {
-            "Location": {
-                "required": True,
-                "schema": {"type": "string", "pattern": "^/v2/jobs/[0-9a-f]+$"},
-            },
-            "Preference-Applied": {"required": True, "schema": {"type": "string"}},
-        },
-        "content": _json(_ref("Job")),
-    }
     infer = _op(
         "inference (JSON or binary tensor data; Prefer: respond-async for a job)",
         answer,
         (400, 404, 409, 413, 415, 503, 504),
         path=path,
         headers=infer_headers,
-        accepted=accepted,
+        accepted=accepted_job(),
         body={
             "required": True,
             "content": {

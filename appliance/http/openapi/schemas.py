@@ -142,7 +142,19 @@ def _schemas() -> dict[str, Any]:
             created={"type": "number"},
             finished={"type": "number", "nullable": True},
             error=_STR,
-            result=_ref("InferResponse"),
+            kind={
+                "type": "string",
+                "enum": ["infer", "generate", "completions", "chat_completions"],
+                "description": "the route it was submitted to: its result is that route's answer",
+            },
+            result={
+                "oneOf": [
+                    _ref("InferResponse"),
+                    _ref("GenerateResponse"),
+                    _ref("Completion"),
+                    _ref("ChatCompletion"),
+                ]
+            },  # fmt: skip
         ),
         "RepositoryIndex": {
             "type": "array",

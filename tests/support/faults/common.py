@@ -83,7 +83,7 @@ class FaultRecord:
     outcome: str = ""
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
-    group: str = "fault"  # or "bad input": the table of docs/reliability.md it goes in
+    group: str = "fault"  # "bad input", "connections", "switch": the section of reliability.md
 
     def count(self, tally: Tally) -> None:
         self.sent += tally.sent

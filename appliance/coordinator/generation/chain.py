@@ -1,0 +1,228 @@
+"""A sequence's chain of span replicas: pinned for its life, and rebuilt elsewhere when a node
+of it dies or hangs, so the client sees no error and no token is lost.
+
+The chain remembers every token id it has stepped (prompt and generated). When a step fails
+(a node unreachable, hung past ``step_timeout_s``, restarted without the sequence, or the node
+before it reporting the next one lost), the replicas that do not answer a short liveness probe
+are ejected, a new chain is pinned on live replicas, a new sequence is opened there and the
+whole sequence so far is replayed as one prefill: its last step samples the next token, and
+since draws depend on (seed, position) only, it is the token the lost chain would have drawn.
+The surviving nodes of the old chain are told to free their part (the rest expire by TTL).
+
+Why the whole sequence and not one span: a span's KV is built from the hidden states of the
+span before it, which no node keeps; rebuilding one span means running the spans before it
+again anyway. With prefix reuse on the nodes, the surviving spans' share of the replay is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import aiohttp
+import numpy as np
+import orjson
+
+from appliance.coordinator.entries import ModelEntry
+from appliance.coordinator.placement import Placement
+from appliance.errors import SequenceLost, UpstreamError
+from appliance.ring import protocol as rp
+from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain
+from runtime.codec import encode_request
+from runtime.deadline import Deadline
+from runtime.errors import DeadlineExceeded
+from runtime.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from appliance.coordinator.service import Coordinator
+
+log = logging.getLogger(__name__)
+
+# answers of a chain that another chain may not get: the node lost it (502/503/504), it does
+# not hold those bytes or that sequence any more (409/410: restarted, unloaded)
+LOST = {409, 410, 502, 503, 504}
+PROBE_S = 1.0
+_URL = re.compile(r"https?://[^\s/]+")
+
+
+def step_timeout(base_s: float, tokens: int) -> float:
+    """How long one step may take before its chain counts as hung: ``step_timeout_s`` for a
+    decode step, more for a prefill (one more ``step_timeout_s`` per 64 tokens)."""
+    return base_s * (1 + tokens // 64)
+
+
+def named_urls(message: str, route: list[rp.RouteStep]) -> set[str]:
+    """The replicas of ``route`` an error message names (the node that lost the next one)."""
+    pinned = {u for s in route for u in s.replicas}
+    return {u for u in _URL.findall(message) if u in pinned}
+
+
+class SequenceChain:
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        entry: ModelEntry,
+        placement: Placement,
+        sampling: SamplingParams,
+        reserve: int,
+        request_id: str,
+        deadline: Deadline,
+    ) -> None:
+        self.c = coordinator
+        self.entry = entry
+        self.placement = placement
+        self.sampling = sampling
+        self.reserve = reserve
+        self.request_id = request_id
+        self.deadline = deadline
+        self.fed: list[int] = []  # every token id stepped through the chain so far
+        self.route: list[rp.RouteStep] = []
+        self.ref = self._new_ref()
+        self.replays = 0
+        self._excluded: set[str] = set()
+
+    def _new_ref(self) -> SequenceRef:
+        return SequenceRef(self.entry.name, self.entry.digest, uuid.uuid4().hex, self.request_id)
+
+    @property
+    def first_url(self) -> rp.PeerUrl:
+        return self.route[0].replicas[0]
+
+    def _pin(self) -> list[rp.RouteStep]:
+        """One replica per span: live, not ejected, the least loaded first span."""
+        route = self.c.cluster.route(
+            self.entry.name, self.entry.digest, len(self.entry.sizes), self.placement,
+            time.monotonic(), frozenset(self._excluded),
+        )  # fmt: skip
+        pinned = []
+        for index, step in enumerate(route):
+            live = [u for u in step.replicas if not self.c.hops.is_ejected(u)] or list(
+                step.replicas
+            )
+            if index == 0:
+                live.sort(key=lambda u: self.c.sequences_on.get(u, 0))
+            pinned.append(rp.RouteStep(step.first, step.last, (live[0],)))
+        return pinned
+
+    async def open(self) -> None:
+        self.route = self._pin()
+        body = orjson.dumps(
+            {
+                "reserve": self.reserve,
+                "sampling": {"temperature": self.sampling.temperature,
+                             "top_k": self.sampling.top_k, "top_p": self.sampling.top_p,
+                             "seed": self.sampling.seed},
+            }
+        )  # fmt: skip
+        await call_chain(self.c.clients.hop, OPEN, self.route, self.ref, self.deadline, body)
+
+    async def step(self, ids: list[int]) -> int:
+        """Step ``ids`` at the chain's position; the token its last span samples. A lost
+        chain is rebuilt and the step replayed there (``max_replays`` times at most)."""
+        try:
+            token = await self._step(self.route, len(self.fed), ids)
+        except (SequenceLost, UpstreamError, DeadlineExceeded) as exc:
+            status = getattr(exc, "status", None)
+            if isinstance(exc, UpstreamError) and status not in LOST:
+                raise  # a final answer (400, 507): the same anywhere
+            token = await self._replay(ids, exc)
+        self.fed += ids
+        return token
+
+    async def _step(self, route: list[rp.RouteStep], position: int, ids: list[int]) -> int:
+        body, length = encode_request({"input_ids": np.asarray([ids], dtype=np.int64)})
+        left = self.deadline.remaining()
+        budget = step_timeout(self.c.config.step_timeout_s, len(ids))
+        deadline = self.deadline if left <= budget else Deadline.after(budget)
+        try:
+            answer = await call_chain(
+                self.c.clients.hop, STEP, route, self.ref, deadline, body, position, length
+            )
+        except SequenceLost:
+            if self.deadline.expired():
+                raise DeadlineExceeded(
+                    f"sequence {self.ref.sequence_id}: its deadline passed"
+                ) from None
+            raise
+        return int(orjson.loads(answer)["token"])
+
+    async def _replay(self, ids: list[int], exc: Exception) -> int:
+        """A new chain without the replicas that failed, the sequence so far replayed."""
+        while True:
+            self.replays += 1
+            if self.replays > self.c.config.max_replays:
+                raise SequenceLost(
+                    f"sequence {self.ref.sequence_id} lost its chain {self.replays - 1} times; "
+                    f"last: {exc}"
+                ) from exc
+            if self.deadline.expired():
+                raise DeadlineExceeded(
+                    f"sequence {self.ref.sequence_id}: its deadline passed while its chain "
+                    f"was rebuilt ({exc})"
+                ) from exc
+            started = time.perf_counter()
+            bad = await self._unresponsive(self.route) or named_urls(str(exc), self.route)
+            for url in bad:
+                self.c.hops.eject(url, f"lost sequence {self.ref.sequence_id}: {exc}")
+            self._excluded |= bad
+            old_route, old_ref = self.route, self.ref
+            self._forget(old_route, old_ref, bad)
+            self.ref = self._new_ref()
+            try:
+                await self.open()
+                token = await self._step(self.route, 0, self.fed + ids)
+            except (SequenceLost, UpstreamError, DeadlineExceeded) as again:
+                if isinstance(again, UpstreamError) and again.status not in LOST:
+                    raise
+                exc = again
+                continue
+            seconds = time.perf_counter() - started
+            metrics = self.c.metrics
+            metrics.replays.labels(self.entry.name).inc()
+            metrics.replay_seconds.labels(self.entry.name).observe(seconds)
+            log.info(
+                "sequence %s: chain rebuilt without %s, %d token(s) replayed in %.2fs (%s)",
+                old_ref.sequence_id, ", ".join(sorted(bad)) or "no node", len(self.fed) + len(ids),
+                seconds, exc,
+            )  # fmt: skip
+            return token
+
+    async def _unresponsive(self, route: list[rp.RouteStep]) -> set[str]:
+        """The replicas of ``route`` that do not answer a liveness probe within PROBE_S."""
+        urls = [u for s in route for u in s.replicas]
+
+        async def probe(url: str) -> bool:
+            try:
+                async with self.c.session.get(
+                    url + "/v2/health/live", timeout=aiohttp.ClientTimeout(total=PROBE_S)
+                ) as response:
+                    return response.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                return False
+
+        answers = await asyncio.gather(*(probe(u) for u in urls))
+        return {u for u, ok in zip(urls, answers, strict=True) if not ok}
+
+    def _forget(self, route: list[rp.RouteStep], ref: SequenceRef, bad: set[str]) -> None:
+        """Free the old sequence on the replicas that still answer (each on its own: the
+        chain through a dead node would stop there); in the background."""
+        for step in route:
+            if step.replicas[0] in bad:
+                continue
+            task = asyncio.get_running_loop().create_task(self._close([step], ref))
+            self.c.track(task)
+
+    async def close(self) -> None:
+        await self._close(self.route, self.ref)
+
+    async def _close(self, route: list[rp.RouteStep], ref: SequenceRef) -> None:
+        if not route:
+            return
+        try:
+            await call_chain(self.c.clients.hop, CLOSE, route, ref, Deadline.after(5), b"{}")
+        except Exception as exc:  # the nodes free it by their TTL
+            log.info("closing sequence %s: %s", ref.sequence_id, exc)
