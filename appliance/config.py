@@ -520,6 +520,27 @@ class CoordinatorConfig(ServerConfig):
     generation_timeout_s: float = field(
         default=600.0, metadata={"help": "generation: the longest one request may run"}
     )
+    max_streams_per_client: int = field(
+        default=64,
+        metadata={
+            "help": "generation: streams one client may hold open, 429 past it (0: no limit; a "
+            "client is its token, else its address)"
+        },
+    )
+    stream_write_timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "generation: a stream whose client takes no chunk for this long is ended "
+            "and its sequence freed"
+        },
+    )
+    stream_buffer_bytes: int = field(
+        default=65536,
+        metadata={
+            "help": "generation: a stream's send buffer (kernel and transport) before its "
+            "writes wait for the client"
+        },
+    )
     step_timeout_s: float = field(
         default=5.0,
         metadata={
@@ -560,6 +581,19 @@ class CoordinatorConfig(ServerConfig):
             raise ConfigError(f"replicas must be at least 1, got {self.replicas}")
         if self.stages < 0:
             raise ConfigError(f"stages must be 0 (automatic) or more, got {self.stages}")
+        if self.max_streams_per_client < 0:
+            raise ConfigError(
+                f"max_streams_per_client must be 0 (no limit) or more, got "
+                f"{self.max_streams_per_client}"
+            )
+        if not self.stream_write_timeout_s > 0:
+            raise ConfigError(
+                f"stream_write_timeout_s must be above 0, got {self.stream_write_timeout_s}"
+            )
+        if self.stream_buffer_bytes < 4096:
+            raise ConfigError(
+                f"stream_buffer_bytes must be at least 4096, got {self.stream_buffer_bytes}"
+            )
         if not self.step_timeout_s > 0:
             raise ConfigError(f"step_timeout_s must be above 0, got {self.step_timeout_s}")
         if self.max_replays < 0:

@@ -86,6 +86,11 @@ class CoordinatorMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.stalled_streams = Counter(
+            "appliance_generation_stalled_streams",
+            "streams ended because their client read nothing for stream_write_timeout_s",
+            registry=r,
+        )
         self.generation_cache = Counter(
             "appliance_generation_cache",
             "greedy generation requests answered from the result cache (hit) or not",

@@ -51,6 +51,12 @@ def caller_of(request: web.Request) -> Caller:
     return request.get(CALLER, ANONYMOUS)
 
 
+def client_identity(request: web.Request) -> str:
+    """Who a request counts against for per-client limits: its token's caller, else its peer
+    address (apps on one host without tokens share one identity)."""
+    return caller_of(request).id or request.remote or "-"
+
+
 def parse_tokens(entries: list[str], tokens_file: str) -> list[Token]:
     """``ROLE:TOKEN`` entries from the config and from a file (one per line, # comments)."""
     lines = entries_with_file(entries, tokens_file, "tokens_file")
@@ -143,7 +149,7 @@ def client_limit_middleware(limit: int) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if limit <= 0 or request.path.startswith(("/internal/", "/v2/health/")):
             return await handler(request)
-        client = caller_of(request).id or request.remote or "-"
+        client = client_identity(request)
         if in_flight.get(client, 0) >= limit:
             from appliance.errors import TooManyRequests
 

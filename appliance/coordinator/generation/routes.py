@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import ClientConnectionResetError, web
+from aiohttp import web
 
 from appliance.coordinator.async_jobs import RunJob
 from appliance.coordinator.generation import shapes
@@ -20,12 +20,12 @@ from appliance.coordinator.generation.requests import (
     triton_request,
 )
 from appliance.coordinator.generation.run import Chunk, GenerationRun
+from appliance.coordinator.generation.streams import sse
 from appliance.coordinator.inference import request_id
 from appliance.coordinator.keys import coordinator_of
 from appliance.coordinator.request_policy import parse_cache_control, wants_async
 from appliance.coordinator.service import Coordinator
 from appliance.errors import BadRequest
-from appliance.http.errors import openai_error, status_of
 from appliance.http.v2 import json_response, read_json_object
 from appliance.security.auth import caller_of
 from cache.job import Job
@@ -84,53 +84,6 @@ async def _collect(run: GenerationRun) -> tuple[str, str | None, list[int]]:
     return "".join(text), finish, ids
 
 
-async def _sse(
-    request: web.Request,
-    run: GenerationRun,
-    event: Callable[[Chunk], dict[str, Any] | None],
-    last: Callable[[], list[dict[str, Any]]] = list,
-    done: bool = True,
-) -> web.StreamResponse:
-    """Stream a run as server-sent events: one ``data:`` line per chunk; an error after the
-    answer started is sent as an event (the status is gone by then)."""
-    chunks = run.chunks()
-    first = await anext(chunks, None)  # errors before the first token are answered as such
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
-    await response.prepare(request)
-
-    async def send(payload: dict[str, Any]) -> None:
-        await response.write(b"data: " + orjson.dumps(payload) + b"\n\n")
-
-    try:
-        if first is not None:
-            if (payload := event(first)) is not None:
-                await send(payload)
-            async for chunk in chunks:
-                if (payload := event(chunk)) is not None:
-                    await send(payload)
-        for payload in last():
-            await send(payload)
-    except (ConnectionResetError, ClientConnectionResetError):
-        raise  # the client went away: nobody to tell (the sequence is closed below)
-    except Exception as exc:  # the client sees why its stream ended early
-        await send(_stream_error(request, exc))
-    finally:
-        await chunks.aclose()  # frees the sequence on every span at once
-    if done:
-        await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
-
-
-def _stream_error(request: web.Request, exc: Exception) -> dict[str, Any]:
-    status = status_of(exc) or 500
-    if request.path.startswith("/v1/"):
-        return openai_error(status, str(exc), getattr(exc, "param", None))
-    return {"error": str(exc)}
-
-
 # --- Triton's generate extension -----------------------------------------------------------
 
 
@@ -148,7 +101,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if not stream:
         text, _, _ = await _collect(run)
         return json_response({**head, "text_output": text})
-    return await _sse(request, run, lambda c: {**head, "text_output": c.text}, done=False)
+    return await sse(request, run, lambda c: {**head, "text_output": c.text}, done=False)
 
 
 # --- OpenAI-compatible -----------------------------------------------------------------------
@@ -226,7 +179,7 @@ async def _openai(request: web.Request, parse: Parser, chat: bool) -> web.Stream
             return []
         return [shapes.usage_chunk(ident, created, parsed.model, run.usage, chat)]
 
-    return await _sse(request, run, event, last)
+    return await sse(request, run, event, last)
 
 
 # --- asynchronous generation: a durable job answered whole -----------------------------------
