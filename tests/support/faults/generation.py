@@ -183,7 +183,7 @@ def generation_failover(
                 label = f"node hung mid-stream (SIGSTOP; step_timeout_s {step_timeout_s:g})"
             # the freeze takes a node of a span that still has both replicas
             among = set(ring.nodes) if how == "kill" else next(
-                s for s in spans if all(ring.nodes[n].poll() is None for n in s)
+                s for s in spans if all(n in ring.nodes and ring.nodes[n].poll() is None for n in s)
             )  # fmt: skip
             victim: list[str] = []
             replays = metric_sum(ring.url, "appliance_generation_replays_total")
