@@ -239,7 +239,8 @@ def switch_section(records: list[FaultRecord], when: str) -> list[str]:
         "the version that served it (its digest in the answer), and no request may fail or "
         "mix versions. Side by side: the new version is placed next to the old one, then "
         "switched to at once; rolling: the nodes' memory holds one version, so each span is "
-        "replaced replica by replica. RSS is the nodes' highest while both were loaded.",
+        "replaced replica by replica. RSS is the nodes' highest while both were loaded; **s** "
+        "is how long the load call took.",
         "",
         _table(records, jobs=False),
         "",

@@ -258,6 +258,7 @@ def _record(label: str, load: str, result: SwitchResult, old: str, new: str) -> 
         + sum(n for k, n in result.after.items() if k != new)
     )
     record.status_5xx = result.count("error")
+    record.seconds = round(result.seconds, 1)
     mib = 2**20
     grew = [(result.rss_both[u] - result.rss_before.get(u, 0.0)) / mib for u in result.rss_both]
     record.details = {
