@@ -28,8 +28,10 @@ def internal_clients(config: ServerConfig, sender: str) -> InternalClients:
     """Made inside the running loop (a cleanup context): aiohttp sessions bind to it."""
     tls = client_context(config.tls_ca, config.tls_cert, config.tls_key, config.tls_server_name)
     signer = signer_for(config, sender)
+    # an upper bound on this pool's descriptors (joins, heartbeats, loads, file fetches, probes:
+    # a few per member), inside the reserve kept out of the inbound connection budget
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ssl=tls),
+        connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=60, ssl=tls),
         headers=internal_headers(config.cluster_token),
         middlewares=(signer.client_middleware(),) if signer else (),
     )

@@ -10,7 +10,9 @@ gap under 2e-3, checked in process: the replay is a prefill, not step-by-step de
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -220,3 +222,88 @@ def generation_failover(
     finally:
         ring.stop()
     return records
+
+
+def _stalled_socket(url: str, body: dict[str, object]) -> socket.socket:
+    """A streamed completion asked over a socket with a small receive buffer, never read."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    data = json.dumps(body).encode()
+    sock.sendall(
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return sock
+
+
+def stalled_stream(work: Path, tokens: int = 400, write_timeout_s: float = 2.0) -> FaultRecord:
+    """A stream whose client stops reading, beside a stream read as it comes: the stalled one
+    is ended within stream_write_timeout_s once its buffer is full, its KV freed on every span,
+    and the other's inter-token p99 compared with the same stream alone (tiny Llama, 2 spans
+    on 2 node processes)."""
+    from tests.support.tiny_llm import shared_tiny_package
+
+    model = "tiny-llm"
+    repo = work / "repo"
+    repo.mkdir(parents=True)
+    (repo / model).symlink_to(shared_tiny_package() / model)
+    record = FaultRecord(
+        "a stream its client stops reading",
+        f"{tokens} tokens streamed beside it; 2 nodes, 2 spans; stream_write_timeout_s "
+        f"{write_timeout_s:g}, stream_buffer_bytes 8192",
+        group="generation",
+    )
+    body = {"model": model, "prompt": "a", "max_tokens": tokens, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    ring = Ring(work, repo)
+    with timed(record):
+        try:
+            ring.start_coordinator("--stream-write-timeout-s", str(write_timeout_s),
+                                   "--stream-buffer-bytes", "8192")  # fmt: skip
+            for node in "ab":
+                ring.start_node(node)
+            ring.wait_members(2)
+            ring.load(model, 2, 1)
+            ring.wait_ready()
+            client = openai.OpenAI(base_url=ring.url + "/v1", api_key="-", max_retries=0)
+
+            def gaps() -> list[float]:
+                times = [time.perf_counter() for _ in client.completions.create(
+                    model=model, prompt="a", max_tokens=tokens, stream=True,
+                    extra_body={"ignore_eos": True})]  # fmt: skip
+                return list(np.diff(times))
+
+            alone = gaps()
+            beside: list[float] = []
+            sock = _stalled_socket(ring.url, body)
+            asked = time.monotonic()
+            reader = threading.Thread(target=lambda: beside.extend(gaps()))
+            reader.start()
+            ended_s = None
+            while time.monotonic() - asked < 60:
+                if metric_sum(ring.url, "appliance_generation_stalled_streams_total") >= 1:
+                    ended_s = time.monotonic() - asked
+                    break
+                time.sleep(0.05)
+            reader.join(timeout=120)
+            time.sleep(1.0)  # a heartbeat or two
+            _, view = http("GET", ring.url + "/v2/cluster")
+            kv_left = sum(n["load"].get("kv_reserved_bytes", 0) for n in view["nodes"])
+            sock.close()
+        finally:
+            ring.stop()
+    p99 = [float(np.percentile(g, 99)) * 1000 if g else float("nan") for g in (alone, beside)]
+    record.sent = 2
+    record.failed = int(ended_s is None or kv_left != 0) + int(len(beside) != len(alone))
+    record.details = {"ended_s": ended_s, "kv_left_bytes": kv_left, "p99_alone_ms": p99[0],
+                      "p99_beside_ms": p99[1]}  # fmt: skip
+    record.outcome = (
+        (f"ended {ended_s:.1f} s after it was asked (the buffer filled, then "
+         f"{write_timeout_s:g} s without a read)" if ended_s is not None else "never ended")
+        + f"; KV left on the nodes after: {kv_left} bytes; the other stream's inter-token p99 "
+        f"{p99[0]:.1f} ms alone, {p99[1]:.1f} ms beside it"
+    )  # fmt: skip
+    return record
