@@ -192,12 +192,15 @@ class Cluster:
         placement: Placement | None,
         now: float,
         exclude: frozenset[str] = frozenset(),
+        silent_ok: bool = True,
     ) -> list[RouteStep]:
         """For every span in order, the live replicas holding exactly those bytes.
 
         The spans are the pinned placement's; without one (a coordinator that just restarted)
         they are read from what the nodes report holding. A node with another digest for the
-        model is never in a route.
+        model is never in a route. ``silent_ok``: where no holder is live, fall back to silent
+        ones (a request's try); readiness asks without, so that a coordinator cut off from its
+        nodes says it is not ready.
         """
         live = [m for m in self.live(now) if m.address not in exclude]
         if placement is not None:
@@ -207,7 +210,7 @@ class Cluster:
         route = []
         for first, last, preferred in spans:
             holders = [m for m in live if m.holds(model, digest, first, last)]
-            if not holders:
+            if not holders and silent_ok:
                 # Heartbeats can lag behind a saturated coordinator: a silent holder is worth a
                 # try (the hop fails fast if it is really gone) rather than a certain 503.
                 holders = [

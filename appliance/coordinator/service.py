@@ -296,7 +296,9 @@ class Coordinator:
         for name, placement in self.placements.items():
             try:
                 entry = self.entry(name)
-                self.cluster.route(name, entry.digest, len(entry.sizes), placement, now)
+                self.cluster.route(
+                    name, entry.digest, len(entry.sizes), placement, now, silent_ok=False
+                )
             except (NoLiveReplica, ModelNotFound) as exc:
                 return False, str(exc)
         return True, ""

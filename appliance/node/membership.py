@@ -30,7 +30,7 @@ from runtime.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 2  # what this node speaks on /internal (2: generation packages)
+PROTOCOL_VERSION = 3  # what this node speaks on /internal (2: generation; 3: relative deadlines)
 PACKAGE_KINDS = ("single_pass", "generation")
 
 

@@ -97,16 +97,25 @@ def parse_span(text: str | None) -> tuple[int, int]:
 
 
 def parse_deadline(text: str | None) -> Deadline:
-    """The wire deadline (seconds since the epoch) as a Deadline on this process's clock."""
+    """The wire deadline as a Deadline on this process's clock: ``+S``, the seconds left when
+    the caller sent it (what members send since protocol 3: no two clocks need agree), or
+    seconds since the epoch (protocol 2 peers: it needs clocks that agree)."""
+    value = text or ""
     try:
-        epoch = float(text or "")
+        seconds = float(value)
     except ValueError:
-        raise BadRequest(f"{DEADLINE} must be seconds since the epoch, got {text!r}") from None
-    return Deadline(time.monotonic() + (epoch - time.time()))
+        raise BadRequest(
+            f"{DEADLINE} must be +SECONDS (the time left) or seconds since the epoch, got {text!r}"
+        ) from None
+    if value.startswith("+"):
+        return Deadline.after(seconds)
+    return Deadline(time.monotonic() + (seconds - time.time()))
 
 
 def deadline_header(deadline: Deadline) -> str:
-    return f"{time.time() + deadline.remaining():.6f}"
+    """The time left, not an instant: a node whose clock is off keeps the same budget (the
+    transit of the hop itself, well under a millisecond to a few, is not counted)."""
+    return f"+{max(0.0, deadline.remaining()):.6f}"
 
 
 def hop_headers(

@@ -94,3 +94,21 @@ async def test_a_503_inside_the_deadline_ejects_and_fails_over(
     for _ in range(3):
         assert await call(client, [refusing, good], 2.0) == b"ok"
     assert client.is_ejected(refusing) and not client.is_ejected(good)
+
+
+def test_a_hop_carries_the_time_left_and_reads_an_older_peers_epoch_instant() -> None:
+    import time
+
+    from appliance.errors import BadRequest
+    from appliance.ring.protocol import deadline_header, parse_deadline
+    from runtime.deadline import Deadline
+
+    sent = deadline_header(Deadline.after(2.0))
+    assert sent.startswith("+") and 1.9 < float(sent) <= 2.0  # no wall clock in it
+    assert 1.9 < parse_deadline(sent).remaining() <= 2.0
+    assert deadline_header(Deadline.after(-1.0)) == "+0.000000"
+    older = f"{time.time() + 3.0:.6f}"  # protocol 2: seconds since the epoch
+    assert 2.9 < parse_deadline(older).remaining() <= 3.0
+    for bad in (None, "", "soon", "+x"):
+        with pytest.raises(BadRequest, match=r"\+SECONDS"):
+            parse_deadline(bad)
