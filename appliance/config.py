@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from appliance.errors import ConfigError
 from runtime.batcher import BatchSettings
+from runtime.decoder_admission import DecoderLimits
 from runtime.registry import WarmupSettings
 from runtime.session import SessionSettings
 
@@ -311,6 +312,49 @@ class NodeConfig(ServerConfig):
         default=60.0,
         metadata={"help": "a sequence with no step for this long is freed (its client is gone)"},
     )
+    max_sequences: int = field(
+        default=32,
+        metadata={"help": "generation: open sequences per span (the most rows of a decode batch)"},
+    )
+    max_queued_sequences: int = field(
+        default=64,
+        metadata={"help": "generation: opens waiting per span for a place or KV; more are 503"},
+    )
+    sequence_queue_timeout_s: float = field(
+        default=30.0,
+        metadata={"help": "generation: the longest an open waits in that queue before its 503"},
+    )
+    prefill_chunk_tokens: int = field(
+        default=64,
+        metadata={
+            "help": "generation: a prompt runs in chunks of this many tokens between decode "
+            "batches, so it never stalls the others for its whole length (0: whole)"
+        },
+    )
+    decode_gather_us: int = field(
+        default=3000,
+        metadata={
+            "help": "generation: a decode batch waits up to this for the rows of the last one "
+            "still on their way (so streams stay in one batch instead of alternating halves)"
+        },
+    )
+    prefix_block_tokens: int = field(
+        default=32,
+        metadata={
+            "help": "generation: tokens per block of the prefix cache (KV of recent prompts, "
+            "inside the KV budget); 0 turns prefix reuse off"
+        },
+    )
+
+    def decoder_limits(self) -> DecoderLimits:
+        return DecoderLimits(
+            max_sequences=self.max_sequences,
+            max_queued_sequences=self.max_queued_sequences,
+            queue_timeout_s=self.sequence_queue_timeout_s,
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
+            gather_s=self.decode_gather_us / 1e6,
+            prefix_block_tokens=self.prefix_block_tokens,
+        )
 
     def session_settings(self) -> SessionSettings:
         return SessionSettings(
@@ -341,6 +385,11 @@ class NodeConfig(ServerConfig):
                               f"{self.kv_budget_bytes}")  # fmt: skip
         if not self.kv_idle_ttl_s > 0:
             raise ConfigError(f"kv_idle_ttl_s must be above 0, got {self.kv_idle_ttl_s}")
+        try:
+            self.decoder_limits().check()
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("queue_timeout_s", "sequence_queue_timeout_s")
+                              .replace("gather_s", "decode_gather_us")) from None  # fmt: skip
 
 
 def entries_with_file(entries: list[str], path: str, key: str) -> list[str]:
@@ -544,8 +593,9 @@ class CoordinatorConfig(ServerConfig):
     step_timeout_s: float = field(
         default=5.0,
         metadata={
-            "help": "generation: a decode step not answered in this long counts its chain as "
-            "lost (a prefill gets one more per 64 tokens); the sequence is replayed elsewhere"
+            "help": "generation: a step not answered in this long has its chain's nodes "
+            "probed (a prefill waits one more per 64 tokens); one that does not answer counts "
+            "the chain as lost and the sequence is replayed elsewhere, else the step waits on"
         },
     )
     max_replays: int = field(

@@ -186,7 +186,14 @@ class ServeProcess:
     read from the one ``listening on`` line it prints once the model is placed."""
 
     def __init__(
-        self, repo: Path, model: str, nodes: int, state_dir: Path, log: Path, pausable: bool = True
+        self,
+        repo: Path,
+        model: str,
+        nodes: int,
+        state_dir: Path,
+        log: Path,
+        pausable: bool = True,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         # pausable: the bench stops (SIGSTOP) a server while other sides run, so its idle
         # heartbeats do not load the cores; no node may then count as lost when it resumes
@@ -212,6 +219,7 @@ class ServeProcess:
             "--log-level",
             "warning",
             *keep,
+            *extra_args,
         ]
         self.paused = False
         self.log = log

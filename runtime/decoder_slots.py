@@ -7,9 +7,15 @@ A step for an unknown sequence or at another position is refused before anything
 step is never applied twice nor run on a replica without the KV. The span holding the LM head
 samples the next token (``runtime.sampling``): logits never leave the node.
 
-Steps of one slot run one at a time on its own thread (onnxruntime releases the GIL, so the
-event loop keeps serving meanwhile); the budget and the sequence table are touched only from
-the event loop.
+Admission: at most ``max_sequences`` per slot, within the budget; past either an open waits in
+a bounded FIFO queue (``max_queued_sequences``, ``queue_timeout_s``) and is admitted when a
+sequence closes or expires, else refused with SequenceQueueFull (503, retry later).
+
+Steps of a slot's sequences are batched (``runtime.step_batcher``): decode steps waiting at
+once run as one batch, prompts in chunks between them. An open may carry the prompt's ids: the
+slot then starts the sequence from its longest cached prefix (``runtime.prefix_cache``) and
+its first step may begin anywhere up to that; it stores the prompt's blocks once they are run.
+The budget, the queue and the sequence table are touched only from the event loop.
 """
 
 from __future__ import annotations
@@ -17,28 +23,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from runtime.decoder import DecoderSpan, SequenceKV, load_decoder_span
+from runtime.decoder import DecoderSpan, SequenceKV
+from runtime.decoder_admission import DecoderLimits, Waiter, wait_admitted
 from runtime.errors import (
     InvalidRequest,
-    ModelLoadError,
+    KvBudgetExhausted,
     ModelNotFound,
+    Overloaded,
     SequenceExists,
+    SequenceQueueFull,
     UnexpectedPosition,
     UnknownSequence,
 )
-from runtime.kv_budget import KvBudget, KvStats
-from runtime.package import PackageRef, open_package
+from runtime.kv_budget import KvBudget
+from runtime.package import PackageRef
+from runtime.prefix_cache import PrefixCache, block_hashes
 from runtime.sampling import SamplingParams, sample
-from runtime.session import SessionSettings
+from runtime.step_batcher import StepBatcher, truncate
 
 log = logging.getLogger(__name__)
+PREFIX_KEY = "prefix:"
 
 
 @dataclass
@@ -48,6 +60,10 @@ class Sequence:
     reserved_tokens: int
     sampling: SamplingParams | None  # the last span samples; the others carry none
     busy: bool = False  # a step of it is running
+    fresh: bool = True  # no step yet: the first may start before kv.length (cached prefix)
+    prefix_ids: list[int] | None = None  # the prompt's ids, to store its blocks once run
+    prefix_names: list[str] = field(default_factory=list)
+    stored_blocks: int = 0  # blocks of the prompt already cached (or found cached)
 
 
 @dataclass(frozen=True)
@@ -55,20 +71,29 @@ class StepResult:
     hidden: np.ndarray | None  # the next span's input, or None from the last span
     token: int | None = None  # the last span's choice
     logprob: float | None = None
+    logits: np.ndarray | None = None  # the last span's logits of that token (for tests)
 
 
-@dataclass
 class DecoderSlot:
-    package: PackageRef
-    span: DecoderSpan
-    first: int
-    last: int
-    budget: KvBudget
-    sequences: dict[str, Sequence] = field(default_factory=dict)
-    tokens_computed: int = 0  # prompt and generated tokens run through this span
-    _executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="decoder")
-    )
+    def __init__(self, package: PackageRef, span: DecoderSpan, first: int, last: int,
+                 budget: KvBudget, limits: DecoderLimits | None = None) -> None:  # fmt: skip
+        self.package, self.span, self.first, self.last = package, span, first, last
+        self.budget = budget
+        self.limits = limits or DecoderLimits()
+        self.sequences: dict[str, Sequence] = {}
+        self.tokens_computed = 0  # prompt and generated tokens run through this span
+        self.prefill_tokens = 0  # tokens of prompts (a sequence's first step, or several)
+        self.generated_tokens = 0  # tokens fed back one per step
+        self.prefix_hits = self.prefix_misses = self.cached_tokens_served = 0
+        self.cache = PrefixCache(max(1, self.limits.prefix_block_tokens),
+                                 self.limits.prefix_recent_blocks)  # fmt: skip
+        self.waiting: deque[Waiter] = deque()
+        self.on_evicted: Callable[[list[str]], None] = lambda keys: None
+        self.on_freed: Callable[[], None] = lambda: None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="decoder")
+        limits = self.limits
+        self.batcher = StepBatcher(span, self._executor, limits.max_sequences,
+                                   limits.prefill_chunk_tokens, limits.gather_s)  # fmt: skip
 
     @property
     def name(self) -> str:
@@ -82,15 +107,15 @@ class DecoderSlot:
     def digest(self) -> str:
         return self.package.digest
 
-    def _key(self, sequence_id: str) -> str:
+    def key(self, sequence_id: str) -> str:
         return f"{self.name}#{self.first}-{self.last}/{sequence_id}"  # one budget per node
 
-    def open(
-        self, sequence_id: str, reserve_tokens: int, sampling: SamplingParams | None, now: float
-    ) -> None:
-        """Admit a sequence with KV for ``reserve_tokens`` tokens; the budget's errors (503
-        to retry later, or "can never fit") leave nothing behind."""
-        if sequence_id in self.sequences:
+    async def open(self, sequence_id: str, reserve_tokens: int, sampling: SamplingParams | None,
+                   now: float, prefix_ids: list[int] | None = None) -> int:  # fmt: skip
+        """Admit a sequence with KV for ``reserve_tokens`` tokens, waiting in the queue if the
+        span is full; the tokens of ``prefix_ids`` its KV starts with (0 without a cached
+        prefix). A refusal leaves nothing behind."""
+        if sequence_id in self.sequences or any(w.sequence_id == sequence_id for w in self.waiting):
             raise SequenceExists(f"sequence {sequence_id!r} is already open on this span")
         context = self.span.info.context_length
         if reserve_tokens > context:
@@ -98,12 +123,73 @@ class DecoderSlot:
                 f"sequence {sequence_id!r} asks {reserve_tokens} tokens (prompt + max_tokens), "
                 f"more than the model's context of {context}"
             )
-        nbytes = reserve_tokens * self.span.kv_bytes_per_token
-        for evicted in self.budget.reserve(self._key(sequence_id), nbytes, now):
-            log.info("evicted the idle KV of %s", evicted)
-        self.sequences[sequence_id] = Sequence(
-            sequence_id, self.span.empty_kv(), reserve_tokens, sampling
-        )
+        if prefix_ids is not None and len(prefix_ids) > reserve_tokens:
+            raise InvalidRequest(
+                f"sequence {sequence_id!r}: prefix_ids holds {len(prefix_ids)} ids, more than "
+                f"the {reserve_tokens} tokens reserved (prompt + max_tokens)"
+            )
+        waiter = Waiter(sequence_id, reserve_tokens, sampling, prefix_ids)
+        if not self.waiting:
+            got = self._try_admit(waiter, now)
+            if isinstance(got, int):
+                return got
+            if self.limits.max_queued_sequences == 0:
+                raise got
+        return await wait_admitted(self, waiter)
+
+    def _try_admit(self, w: Waiter, now: float) -> int | Overloaded:
+        """Admit now if a place and the KV are free: the cached tokens, or why not."""
+        if len(self.sequences) >= self.limits.max_sequences:
+            return SequenceQueueFull(
+                f"segments {self.first}-{self.last} of {self.name} hold {len(self.sequences)} "
+                f"sequences, max_sequences is {self.limits.max_sequences}"
+            )
+        kv, names, cached = self._cached_kv(w.prefix_ids)
+        try:
+            nbytes = w.reserve_tokens * self.span.kv_bytes_per_token
+            evicted = self.budget.reserve(self.key(w.sequence_id), nbytes, now)
+        except KvBudgetExhausted as exc:
+            return exc
+        self.on_evicted(evicted)
+        if w.prefix_ids is not None:
+            self.prefix_hits += cached > 0
+            self.prefix_misses += cached == 0
+            self.cached_tokens_served += cached
+            for index, name in enumerate(names[: cached // self.cache.block_tokens]):
+                self.budget.refresh(self.key(PREFIX_KEY + name), now - index * 1e-6)
+        self.sequences[w.sequence_id] = Sequence(
+            w.sequence_id, kv, w.reserve_tokens, w.sampling, prefix_ids=w.prefix_ids,
+            prefix_names=names, stored_blocks=cached // self.cache.block_tokens,
+        )  # fmt: skip
+        return cached
+
+    def _cached_kv(self, ids: list[int] | None) -> tuple[SequenceKV, list[str], int]:
+        if ids is None or self.limits.prefix_block_tokens == 0:
+            return self.span.empty_kv(), [], 0
+        names = block_hashes(ids, self.cache.block_tokens)
+        blocks = self.cache.matched(names)
+        cached = min(blocks * self.cache.block_tokens, len(ids) - 1)  # one token is computed
+        if cached <= 0:
+            return self.span.empty_kv(), names, 0
+        return self.cache.assemble(names[:blocks], cached), names, cached
+
+    def pump(self, now: float) -> None:
+        """Admit queued opens, oldest first, while they fit."""
+        while self.waiting:
+            waiter = self.waiting[0]
+            if waiter.future is None or waiter.future.done():
+                self.waiting.popleft()
+                continue
+            try:
+                got = self._try_admit(waiter, now)
+            except Exception as exc:  # e.g. can never fit any more: the waiter is told
+                self.waiting.popleft()
+                waiter.future.set_exception(exc)
+                continue
+            if not isinstance(got, int):
+                return
+            self.waiting.popleft()
+            waiter.future.set_result(got)
 
     async def step(
         self, sequence_id: str, position: int, inputs: np.ndarray, now: float
@@ -116,6 +202,8 @@ class DecoderSlot:
                 f"unknown sequence {sequence_id!r} on {self.name} segments "
                 f"{self.first}-{self.last}: never opened here, or already released"
             )
+        if sequence.fresh and not sequence.busy and 0 <= position < sequence.kv.length:
+            truncate(sequence.kv, position)  # the chain's shortest cached prefix rules
         if sequence.busy or position != sequence.kv.length:
             raise UnexpectedPosition(
                 f"sequence {sequence_id!r}: expected position {sequence.kv.length}, got "
@@ -127,112 +215,121 @@ class DecoderSlot:
                 f"sequence {sequence_id!r}: {position + tokens} tokens exceed the "
                 f"{sequence.reserved_tokens} it reserved (prompt + max_tokens)"
             )
-        sequence.busy = True
-        try:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._executor, self._run, sequence, inputs)
-        finally:
-            sequence.busy = False
+        self._check_prefix(sequence, position, inputs)
+        prefill = sequence.fresh or tokens > 1
+        sequence.busy, sequence.fresh = True, False
+        future = self.batcher.submit(sequence_id, sequence.kv, inputs,
+                                     lambda out: self._finish(sequence, out))  # fmt: skip
+        # busy until the run is over, even if this caller goes away meanwhile
+        future.add_done_callback(lambda _: setattr(sequence, "busy", False))
+        result: StepResult = await asyncio.shield(future)
         self.tokens_computed += tokens
-        self.budget.touch(self._key(sequence_id), sequence.kv.nbytes(), now)
+        if prefill:
+            self.prefill_tokens += tokens
+        else:
+            self.generated_tokens += tokens
+        if sequence_id in self.sequences:
+            self.budget.touch(self.key(sequence_id), sequence.kv.nbytes(), now)
+            self._store_prefix(sequence, now)
         return result
 
-    def _run(self, sequence: Sequence, inputs: np.ndarray) -> StepResult:
-        out = self.span.step([sequence.kv], inputs)
+    def _finish(self, sequence: Sequence, out: np.ndarray) -> StepResult:
         if not self.span.is_last:
             return StepResult(out)
         params = sequence.sampling or SamplingParams(temperature=0.0)
         # the draw depends on (seed, position of the token drawn) only: a replacement node
         # holding the same KV draws the same token
         token, logprob = sample(out[0], params, sequence.kv.length)
-        return StepResult(None, token, logprob)
+        return StepResult(None, token, logprob, out[0])
+
+    def _check_prefix(self, sequence: Sequence, position: int, inputs: np.ndarray) -> None:
+        """The first span sees the ids: a prompt that differs from its prefix_ids is not
+        cached under their names."""
+        ids = sequence.prefix_ids
+        if ids is None or not self.span.is_first or position >= len(ids):
+            return
+        given = np.asarray(inputs[0, : len(ids) - position]).tolist()
+        if given != ids[position : position + len(given)]:
+            log.info("sequence %s: its input ids differ from its prefix_ids; not cached",
+                     sequence.id)  # fmt: skip
+            sequence.prefix_ids = None
+
+    def _store_prefix(self, sequence: Sequence, now: float) -> None:
+        """Cache the prompt's whole blocks its KV now holds (and that are not cached yet)."""
+        if sequence.prefix_ids is None or self.limits.prefix_block_tokens == 0:
+            return
+        size = self.cache.block_tokens
+        full = min(len(sequence.prefix_ids), sequence.kv.length) // size
+        keys = [self.key(PREFIX_KEY + name) for name in sequence.prefix_names[:full]]
+        for index in range(sequence.stored_blocks, full):
+            name = sequence.prefix_names[index]
+            # a prompt's later blocks count as a little older: evicted first, they leave its
+            # head (what other prompts share) usable
+            when = now - index * 1e-6
+            if name in self.cache:
+                self.budget.refresh(keys[index], when)
+                continue
+            if index and sequence.prefix_names[index - 1] not in self.cache:
+                return  # a block is found only after all those before it
+            block = self.cache.block_of(sequence.kv, index)
+            try:  # never at the cost of this prompt's earlier blocks
+                evicted = self.budget.keep(keys[index], block.nbytes(), when,
+                                           frozenset(keys[:index]))  # fmt: skip
+            except KvBudgetExhausted:
+                return  # live sequences hold the rest: cache nothing more for now
+            self.cache.put(name, block)
+            self.on_evicted(evicted)
+        sequence.stored_blocks = max(sequence.stored_blocks, full)
+
+    def forget(self, key: str) -> bool:
+        """The budget evicted ``key`` (a cache block or an abandoned sequence of this slot)."""
+        rest = key[len(self.key("")) :]
+        if rest.startswith(PREFIX_KEY):
+            return self.cache.drop(rest[len(PREFIX_KEY) :])
+        self.batcher.forget(rest)
+        return self.sequences.pop(rest, None) is not None
 
     def close(self, sequence_id: str) -> bool:
-        self.budget.release(self._key(sequence_id))
-        return self.sequences.pop(sequence_id, None) is not None
+        sequence = self.sequences.pop(sequence_id, None)
+        self.budget.release(self.key(sequence_id))
+        self.batcher.forget(sequence_id)
+        if sequence is not None and not sequence.busy:
+            self._store_prefix(sequence, time.monotonic())  # in the room it held
+        self.on_freed()
+        return sequence is not None
 
     def expire(self, now: float) -> list[str]:
         """Sequences whose coordinator stopped stepping them for the budget's TTL: freed."""
-        prefix = self._key("")
+        prefix = self.key("")
         gone = [key[len(prefix) :] for key in self.budget.expire(now) if key.startswith(prefix)]
         for sequence_id in gone:
+            self.batcher.forget(sequence_id)
             self.sequences.pop(sequence_id, None)
         return gone
 
+    def info(self) -> dict[str, Any]:
+        """What metrics and heartbeats report of this span's batching and prefix cache."""
+        return {
+            "sequences_live": len(self.sequences),
+            "sequences_queued": len(self.waiting),
+            "prefill_tokens": self.prefill_tokens,
+            "generated_tokens": self.generated_tokens,
+            "decode_batches": dict(self.batcher.stats.decode_batches),
+            "prefix_hits": self.prefix_hits,
+            "prefix_misses": self.prefix_misses,
+            "prefix_cached_tokens": self.cached_tokens_served,
+            "prefix_block_tokens": self.cache.block_tokens,
+            "prefix_blocks": self.cache.recent() if self.limits.prefix_block_tokens else [],
+        }
+
     def shutdown(self) -> None:
+        for waiter in self.waiting:
+            if waiter.future is not None and not waiter.future.done():
+                waiter.future.set_exception(ModelNotFound(f"{self.name} segments "
+                                            f"{self.first}-{self.last} were unloaded"))  # fmt: skip
+        self.waiting.clear()
+        for name in self.cache.names():
+            self.budget.release(self.key(PREFIX_KEY + name))
+            self.cache.drop(name)
+        self.batcher.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-class DecoderRegistry:
-    """The generation spans of one node and its one KV budget (what its memory leaves)."""
-
-    def __init__(
-        self,
-        repo: Path,
-        settings: SessionSettings,
-        kv_capacity: Callable[[list[DecoderSlot]], int],
-        idle_ttl_s: float = 60.0,
-    ) -> None:
-        self.repo = repo
-        self.settings = settings
-        self.kv_capacity = kv_capacity  # bytes of KV the node affords next to these spans
-        self.budget = KvBudget(0, idle_ttl_s)
-        self.slots: dict[str, DecoderSlot] = {}
-        self.generation = 0
-
-    def get(self, slot_name: str) -> DecoderSlot:
-        slot = self.slots.get(slot_name)
-        if slot is None:
-            raise ModelNotFound(f"this node holds no generation span {slot_name}")
-        return slot
-
-    async def load(
-        self, name: str, version: int, first: int, last: int, slot_name: str
-    ) -> DecoderSlot:
-        package = open_package(self.repo, name, version)
-        try:
-            span = await asyncio.to_thread(load_decoder_span, package, self.settings, first, last)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # onnxruntime's errors are untyped
-            raise ModelLoadError(f"loading {name} segments {first}-{last} failed: {exc}") from exc
-        old = self.slots.get(slot_name)
-        slot = DecoderSlot(package, span, first, last, self.budget)
-        self.slots[slot_name] = slot
-        if old is not None:
-            self._drop(old)
-        self._resize()
-        self.generation += 1
-        log.info("generation span %s ready (digest %s)", slot_name, package.digest)
-        return slot
-
-    def unload(self, slot_name: str) -> None:
-        slot = self.slots.pop(slot_name, None)
-        if slot is None:
-            raise ModelNotFound(f"this node holds no generation span {slot_name}")
-        self._drop(slot)
-        self._resize()
-        self.generation += 1
-
-    def _drop(self, slot: DecoderSlot) -> None:
-        for sequence_id in list(slot.sequences):
-            slot.close(sequence_id)
-        slot.shutdown()
-
-    def _resize(self) -> None:
-        self.budget.capacity_bytes = max(0, self.kv_capacity(list(self.slots.values())))
-
-    def expire(self, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        for slot in self.slots.values():
-            for sequence_id in slot.expire(now):
-                log.info("freed the KV of sequence %s: no step for %.0fs", sequence_id,
-                         self.budget.idle_ttl_s)  # fmt: skip
-
-    def stats(self) -> KvStats:
-        return self.budget.stats()
-
-    def close(self) -> None:
-        for slot in self.slots.values():
-            self._drop(slot)
-        self.slots.clear()

@@ -86,6 +86,10 @@ class KvBudgetExhausted(Overloaded):
     """The node's KV memory is held by live sequences now; retry after some finish (503)."""
 
 
+class SequenceQueueFull(Overloaded):
+    """A span's sequences and queue of waiting opens are full, or an open waited too long (503)."""
+
+
 class KvReservationTooLarge(InvalidRequest):
     """A sequence asks more KV memory than the node's whole capacity: it can never fit."""
 

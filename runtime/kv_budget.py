@@ -29,6 +29,7 @@ class SequenceUsage:
     used_bytes: int  # the KV bytes its last step reported
     live: bool  # False: finished (mark_idle); a live one past the TTL counts as idle too
     last_active: float  # the time of its last reserve, touch or mark_idle
+    cached: bool = False  # a prefix-cache block (keep): evictable, never expired, not a sequence
 
 
 class KvStats(NamedTuple):
@@ -36,6 +37,8 @@ class KvStats(NamedTuple):
     used_bytes: int
     live_sequences: int
     idle_sequences: int  # finished ones only; live ones past the TTL are still counted live
+    cached_bytes: int = 0  # prefix-cache blocks (not in reserved_bytes; evicted LRU for room)
+    cached_blocks: int = 0
 
 
 class KvBudget:
@@ -50,6 +53,8 @@ class KvBudget:
         self._sequences: dict[str, SequenceUsage] = {}
         self._reserved = 0  # running sums, so stats() and free_bytes() are O(1)
         self._used = 0
+        self._cached = 0  # the part of _reserved (and _used) held by cache blocks
+        self._cached_count = 0
 
     def __contains__(self, sequence_id: object) -> bool:
         return sequence_id in self._sequences
@@ -65,7 +70,9 @@ class KvBudget:
 
     def stats(self) -> KvStats:
         live = sum(1 for s in self._sequences.values() if s.live)
-        return KvStats(self._reserved, self._used, live, len(self._sequences) - live)
+        idle = len(self._sequences) - live - self._cached_count
+        return KvStats(self._reserved - self._cached, self._used - self._cached, live, idle,
+                       self._cached, self._cached_count)  # fmt: skip
 
     def evictable(self, sequence_id: str, now: float) -> bool:
         """Idle, or live with no activity for the TTL (abandoned): its KV may be dropped."""
@@ -91,12 +98,44 @@ class KvBudget:
             )
         current = self._sequences.get(sequence_id)
         free = self.free_bytes() + (current.reserved_bytes if current else 0)
+        evicted = self._make_room(sequence_id, nbytes, free, now)
+        used = current.used_bytes if current else 0
+        self._put(sequence_id, SequenceUsage(nbytes, min(used, nbytes), True, now))
+        return evicted
+
+    def keep(
+        self, block_id: str, nbytes: int, now: float, protect: frozenset[str] = frozenset()
+    ) -> list[str]:
+        """Hold a prefix-cache block of ``nbytes`` (idle from the start: evicted LRU for any
+        reservation, never by expire); the ids evicted for it, never one of ``protect`` (the
+        blocks before it in its prompt). No room (live sequences hold the rest):
+        KvBudgetExhausted, nothing changes."""
+        if nbytes > self.capacity_bytes:
+            raise self._exhausted(block_id, nbytes, self.free_bytes(), 0)
+        evicted = self._make_room(block_id, nbytes, self.free_bytes(), now, protect)
+        self._put(block_id, SequenceUsage(nbytes, nbytes, False, now, cached=True))
+        return evicted
+
+    def refresh(self, block_id: str, now: float) -> None:
+        """A cache block was used: most recently used now (LRU order)."""
+        usage = self._sequences.get(block_id)
+        if usage is not None:
+            self._sequences[block_id] = replace(usage, last_active=now)
+
+    def _make_room(
+        self,
+        sequence_id: str,
+        nbytes: int,
+        free: int,
+        now: float,
+        protect: frozenset[str] = frozenset(),
+    ) -> list[str]:
         evicted: list[str] = []
         if nbytes > free:
             victims = sorted(
                 (u.last_active, sid)
                 for sid, u in self._sequences.items()
-                if sid != sequence_id and self.evictable(sid, now)
+                if sid != sequence_id and sid not in protect and self.evictable(sid, now)
             )
             reclaimable = sum(self._sequences[sid].reserved_bytes for _, sid in victims)
             if nbytes > free + reclaimable:
@@ -106,8 +145,6 @@ class KvBudget:
                     break
                 free += self.release(sid)
                 evicted.append(sid)
-        used = current.used_bytes if current else 0
-        self._put(sequence_id, SequenceUsage(nbytes, min(used, nbytes), True, now))
         return evicted
 
     def touch(self, sequence_id: str, used_bytes: int, now: float) -> None:
@@ -139,12 +176,17 @@ class KvBudget:
             return 0
         self._reserved -= usage.reserved_bytes
         self._used -= usage.used_bytes
+        if usage.cached:
+            self._cached -= usage.reserved_bytes
+            self._cached_count -= 1
         return usage.reserved_bytes
 
     def expire(self, now: float) -> list[str]:
         """Free every sequence with no activity for ``idle_ttl_s``; the caller drops their KV."""
         stale = [
-            sid for sid, u in self._sequences.items() if now - u.last_active >= self.idle_ttl_s
+            sid
+            for sid, u in self._sequences.items()
+            if not u.cached and now - u.last_active >= self.idle_ttl_s
         ]
         for sid in stale:
             self.release(sid)
@@ -164,6 +206,9 @@ class KvBudget:
         self._sequences[sequence_id] = usage
         self._reserved += usage.reserved_bytes
         self._used += usage.used_bytes
+        if usage.cached:
+            self._cached += usage.reserved_bytes
+            self._cached_count += 1
 
     def _exhausted(
         self, sequence_id: str, nbytes: int, free: int, reclaimable: int

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.helpers import ChainMapProxy
 
@@ -23,7 +24,8 @@ from appliance.node.keys import CLIENTS, CONFIG, DECODERS
 from appliance.ring import protocol as rp
 from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain
 from runtime.codec import decode_request, encode_request, parse_header_length
-from runtime.decoder_slots import DecoderRegistry, DecoderSlot
+from runtime.decoder_registry import DecoderRegistry
+from runtime.decoder_slots import DecoderSlot
 from runtime.errors import ModelNotFound
 from runtime.sampling import sampling_params
 
@@ -72,17 +74,44 @@ async def sequence_open(request: web.Request) -> web.Response:
     reserve = raw.get("reserve")
     if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 1:
         raise BadRequest(f"open needs reserve: a positive number of tokens, got {reserve!r}")
+    prefix_ids = _prefix_ids(raw.get("prefix_ids"), slot.span.info.vocab_size)
     sampling = None
     if slot.span.is_last:
         sampling = sampling_params(raw.get("sampling") or {}, slot.span.info.defaults)
-    slot.open(ref.sequence_id, reserve, sampling, time.monotonic())
+    # a full span queues the open (bounded) until a sequence frees its place or KV
+    cached = await slot.open(ref.sequence_id, reserve, sampling, time.monotonic(), prefix_ids)
     try:
         if route:
-            await call_chain(_post(state), OPEN, route, ref, deadline, body)
+            answer = await call_chain(_post(state), OPEN, route, ref, deadline, body)
+            cached = min(cached, _cached_tokens(answer))  # the chain starts where all can
     except BaseException:
         slot.close(ref.sequence_id)  # the others before it release theirs the same way
         raise
-    return json_response({"opened": True})
+    return json_response({"opened": True, "cached_tokens": cached})
+
+
+def _prefix_ids(value: Any, vocab: int) -> list[int] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in value)
+    ):
+        raise BadRequest(
+            f"prefix_ids must be the prompt's token ids: a non-empty list of integers in "
+            f"0..{vocab - 1}; got {str(value)[:80]}"
+        )
+    return value
+
+
+def _cached_tokens(answer: bytes) -> int:
+    """The downstream chain's cached tokens; a node that does not say has none."""
+    try:
+        got = orjson.loads(answer).get("cached_tokens", 0)
+    except (orjson.JSONDecodeError, AttributeError):
+        return 0
+    return got if isinstance(got, int) and not isinstance(got, bool) and got >= 0 else 0
 
 
 async def step(request: web.Request) -> web.Response:
@@ -209,4 +238,19 @@ def decoder_status(registry: DecoderRegistry) -> dict[str, Any]:
         "kv_used_bytes": stats.used_bytes,
         "sequences": stats.live_sequences + stats.idle_sequences,
         "tokens_computed": sum(s.tokens_computed for s in registry.slots.values()),
+        "kv_cached_bytes": stats.cached_bytes,
+        "sequences_queued": sum(len(s.waiting) for s in registry.slots.values()),
     }
+
+
+def decoder_spans(registry: DecoderRegistry) -> list[dict[str, Any]]:
+    """Each generation span's batching and prefix-cache figures (heartbeat ``load``): routing
+    reads ``prefix_blocks``, the newest block names first (``runtime.prefix_cache``)."""
+    keys = ("sequences_live", "sequences_queued", "prefill_tokens", "generated_tokens",
+            "prefix_block_tokens", "prefix_blocks")  # fmt: skip
+    out = []
+    for slot in registry.slots.values():
+        info = slot.info()
+        out.append({"model": slot.name, "digest": slot.digest, "first": slot.first,
+                    "last": slot.last, **{key: info[key] for key in keys}})  # fmt: skip
+    return out

@@ -11,7 +11,7 @@ from appliance.node.metrics import Metrics
 from appliance.node.resources import NodeResources
 from appliance.ring.clients import InternalClients
 from appliance.ring.hop_client import HopClient
-from runtime.decoder_slots import DecoderRegistry
+from runtime.decoder_registry import DecoderRegistry
 from runtime.registry import ModelRegistry
 
 REGISTRY = web.AppKey("registry", ModelRegistry)

@@ -20,12 +20,12 @@ from aiohttp import web
 
 from appliance.config import NodeConfig
 from appliance.http.v2 import json_response
-from appliance.node.generation import decoder_status
+from appliance.node.generation import decoder_spans, decoder_status
 from appliance.node.keys import CLIENTS, CONFIG, DECODERS, IDENTITY, REGISTRY, RESOURCES
 from appliance.node.resources import NodeResources
 from appliance.node.spans import coordinator_url
 from appliance.sd_notify import notify
-from runtime.decoder_slots import DecoderRegistry
+from runtime.decoder_registry import DecoderRegistry
 from runtime.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def member_status(state: Any) -> dict[str, Any]:
         "generation": registry.generation + decoders.generation,
         "load": {
             **decoder_status(decoders),
+            "decoder_spans": decoder_spans(decoders),
             "queue_depth": sum(m.batcher.queue_depth for m in registry.loaded()),
             "in_flight": sum(m.batcher.outstanding for m in registry.loaded()),
             "ewma_latency_s": max((m.stats.ewma_latency_s for m in registry.loaded()), default=0),

@@ -6,12 +6,20 @@ from collections.abc import Callable, Iterable
 
 import psutil
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from appliance.http.request_metrics import LATENCY_BUCKETS, RequestMetrics
 from appliance.node.gpu_memory import GpuMemory, gpu_memory
+from runtime.decoder_registry import DecoderRegistry
 from runtime.registry import LoadedModel
+
+DECODE_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class _ModelCollector(Collector):
@@ -90,8 +98,59 @@ def gpu_memory_metrics(gpus: list[GpuMemory]) -> Iterable[Metric]:
     yield family
 
 
+class _DecoderCollector(Collector):
+    """Generation spans: batching, sequences live and queued, prompt vs generated tokens,
+    prefix reuse; read from the slots' counters at scrape time."""
+
+    def __init__(self, decoders: DecoderRegistry) -> None:
+        self._decoders = decoders
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["model", "span"]
+        batches = HistogramMetricFamily(
+            "appliance_decode_batch_rows", "sequences per decode batch run", labels=labels
+        )
+        gauges = {
+            key: GaugeMetricFamily(f"appliance_{key}", text, labels=labels)
+            for key, text in (
+                ("sequences_live", "generation sequences open on the span"),
+                ("sequences_queued", "opens waiting for a place or KV on the span"),
+            )
+        }
+        counters = {
+            key: CounterMetricFamily(f"appliance_{name}", text, labels=labels)
+            for key, name, text in (
+                ("prefill_tokens", "prefill_tokens", "prompt tokens computed (prefill)"),
+                ("generated_tokens", "generated_tokens", "generated tokens computed (decode)"),
+                ("prefix_hits", "prefix_hits", "opens that started from a cached prefix"),
+                ("prefix_misses", "prefix_misses", "opens with prefix_ids and no cached prefix"),
+                ("prefix_cached_tokens", "prefix_cached_tokens", "prompt tokens served cached"),
+            )
+        }
+        for slot in self._decoders.slots.values():
+            info = slot.info()
+            key = [slot.name, f"{slot.first}-{slot.last}"]
+            sizes: dict[int, int] = info["decode_batches"]
+            buckets, running = [], 0
+            for bound in DECODE_BATCH_BUCKETS:
+                running = sum(n for rows, n in sizes.items() if rows <= bound)
+                buckets.append((str(bound), running))
+            buckets.append(("+Inf", sum(sizes.values())))
+            total = sum(rows * n for rows, n in sizes.items())
+            batches.add_metric(key, buckets, total)
+            for name, gauge in gauges.items():
+                gauge.add_metric(key, info[name])
+            for name, counter in counters.items():
+                counter.add_metric(key, info[name])
+        yield batches
+        yield from gauges.values()
+        yield from counters.values()
+
+
 class Metrics:
-    def __init__(self, models: Callable[[], list[LoadedModel]]) -> None:
+    def __init__(
+        self, models: Callable[[], list[LoadedModel]], decoders: DecoderRegistry | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = RequestMetrics(self.registry, "node")
         self.batch_rows = Histogram(
@@ -116,6 +175,8 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_ModelCollector(models))
+        if decoders is not None:
+            self.registry.register(_DecoderCollector(decoders))
 
     def observe_batch(self, model: str, queued_s: float, compute_s: float) -> None:
         self.queue_latency.labels(model).observe(queued_s)

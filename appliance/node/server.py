@@ -51,7 +51,7 @@ from appliance.ring.clients import internal_clients
 from appliance.ring.hop_client import HopClient, HopSettings
 from appliance.sd_notify import notify
 from runtime.codec import decode_checked_request, encode_response, parse_header_length
-from runtime.decoder_slots import DecoderRegistry
+from runtime.decoder_registry import DecoderRegistry
 from runtime.errors import ModelNotFound, RuntimeFailure
 from runtime.memory import span_need
 from runtime.package import list_repository
@@ -283,8 +283,9 @@ def build_node_app(config: NodeConfig) -> web.Application:
         config.session_settings(),
         _kv_capacity(config, registry, resources),
         config.kv_idle_ttl_s,
+        config.decoder_limits(),
     )
-    app[METRICS] = Metrics(registry.loaded)
+    app[METRICS] = Metrics(registry.loaded, app[DECODERS])
     app[RESOURCES] = resources
     app[IDENTITY] = node_identity(config, resources.budget)
     registry.observe = app[METRICS].observe_batch

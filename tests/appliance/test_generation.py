@@ -200,7 +200,12 @@ async def test_a_reservation_one_span_cannot_hold_is_503_and_the_others_release_
     ring = await start_coordinator(
         repo,
         nodes=2,
-        node_settings=[{"kv_budget_bytes": 10**6}, {"kv_budget_bytes": 40 * per_token}],
+        # no queue on n1: a full budget answers 503 at once (tests/appliance/
+        # test_generation_batching.py covers opens that queue, then proceed or time out)
+        node_settings=[
+            {"kv_budget_bytes": 10**6},
+            {"kv_budget_bytes": 40 * per_token, "max_queued_sequences": 0},
+        ],
     )
     service = ring.service
     placement = await service.load(MODEL, 2, 1)

@@ -2,7 +2,8 @@
 of it dies or hangs, so the client sees no error and no token is lost.
 
 The chain remembers every token id it has stepped (prompt and generated). When a step fails
-(a node unreachable, hung past ``step_timeout_s``, restarted without the sequence, or the node
+(a node unreachable, hung — no answer within ``step_timeout_s`` and none to a liveness probe —
+restarted without the sequence, or the node
 before it reporting the next one lost), the replicas that do not answer a short liveness probe
 are ejected, a new chain is pinned on live replicas, a new sequence is opened there and the
 whole sequence so far is replayed as one prefill: its last step samples the next token, and
@@ -28,8 +29,9 @@ import numpy as np
 import orjson
 
 from appliance.coordinator.entries import ModelEntry
+from appliance.coordinator.generation.prefix_routing import held_blocks, prefer_cached
 from appliance.coordinator.placement import Placement
-from appliance.errors import SequenceLost, UpstreamError
+from appliance.errors import NoLiveReplica, SequenceLost, UpstreamError
 from appliance.ring import protocol as rp
 from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain
 from runtime.codec import encode_request
@@ -50,7 +52,7 @@ _URL = re.compile(r"https?://[^\s/]+")
 
 
 def step_timeout(base_s: float, tokens: int) -> float:
-    """How long one step may take before its chain counts as hung: ``step_timeout_s`` for a
+    """How long a step waits before its chain's nodes are probed: ``step_timeout_s`` for a
     decode step, more for a prefill (one more ``step_timeout_s`` per 64 tokens)."""
     return base_s * (1 + tokens // 64)
 
@@ -71,6 +73,7 @@ class SequenceChain:
         reserve: int,
         request_id: str,
         deadline: Deadline,
+        prompt: list[int] | None = None,
     ) -> None:
         self.c = coordinator
         self.entry = entry
@@ -79,11 +82,14 @@ class SequenceChain:
         self.reserve = reserve
         self.request_id = request_id
         self.deadline = deadline
-        self.fed: list[int] = []  # every token id stepped through the chain so far
+        self.prompt = prompt or []  # sent at open: the nodes may hold a prefix of it cached
+        self.cached_tokens = 0  # of the prompt, that the first chain started from
+        self.fed: list[int] = []  # every token id the chain's KV holds so far
         self.route: list[rp.RouteStep] = []
         self.ref = self._new_ref()
         self.replays = 0
         self._excluded: set[str] = set()
+        self._suspects: set[str] = set()  # replicas a timed-out step found unresponsive
 
     def _new_ref(self) -> SequenceRef:
         return SequenceRef(self.entry.name, self.entry.digest, uuid.uuid4().hex, self.request_id)
@@ -93,11 +99,13 @@ class SequenceChain:
         return self.route[0].replicas[0]
 
     def _pin(self) -> list[rp.RouteStep]:
-        """One replica per span: live, not ejected, the least loaded first span."""
+        """One replica per span: live, not ejected; the one holding the longest cached prefix
+        of the prompt, else the least loaded first span and the balancer's order after it."""
         route = self.c.cluster.route(
             self.entry.name, self.entry.digest, len(self.entry.sizes), self.placement,
             time.monotonic(), frozenset(self._excluded),
         )  # fmt: skip
+        members = {m.address: m for m in self.c.cluster.members.values()}
         pinned = []
         for index, step in enumerate(route):
             live = [u for u in step.replicas if not self.c.hops.is_ejected(u)] or list(
@@ -105,20 +113,47 @@ class SequenceChain:
             )
             if index == 0:
                 live.sort(key=lambda u: self.c.sequences_on.get(u, 0))
+            if self.prompt and len(live) > 1:
+                holdings = {
+                    u: held_blocks(m.load, self.entry.name, self.entry.digest).get(
+                        (step.first, step.last)
+                    )
+                    for u in live
+                    if (m := members.get(u)) is not None
+                }
+                live = prefer_cached(live, self.prompt, holdings, {})  # a stable sort
             pinned.append(rp.RouteStep(step.first, step.last, (live[0],)))
         return pinned
 
-    async def open(self) -> None:
+    async def open(self) -> int:
+        """Pin a chain and open the sequence on it: the tokens of the prompt it holds cached
+        (the smallest along the chain; 0 from nodes without prefix reuse)."""
         self.route = self._pin()
-        body = orjson.dumps(
-            {
-                "reserve": self.reserve,
-                "sampling": {"temperature": self.sampling.temperature,
-                             "top_k": self.sampling.top_k, "top_p": self.sampling.top_p,
-                             "seed": self.sampling.seed},
-            }
-        )  # fmt: skip
-        await call_chain(self.c.clients.hop, OPEN, self.route, self.ref, self.deadline, body)
+        fields: dict[str, object] = {
+            "reserve": self.reserve,
+            "sampling": {"temperature": self.sampling.temperature,
+                         "top_k": self.sampling.top_k, "top_p": self.sampling.top_p,
+                         "seed": self.sampling.seed},
+        }  # fmt: skip
+        if self.prompt:
+            fields["prefix_ids"] = self.prompt
+        answer = await call_chain(
+            self.c.clients.hop, OPEN, self.route, self.ref, self.deadline, orjson.dumps(fields)
+        )
+        try:
+            cached = orjson.loads(answer).get("cached_tokens", 0) if answer else 0
+        except (orjson.JSONDecodeError, AttributeError):
+            cached = 0
+        if not isinstance(cached, int) or not 0 <= cached < max(len(self.prompt), 1):
+            cached = 0  # a node's figure it cannot have: start from the beginning
+        return cached
+
+    async def begin(self) -> list[int]:
+        """Open the sequence: the part of the prompt to step (what its chain holds cached is
+        not run again)."""
+        self.cached_tokens = await self.open()
+        self.fed = self.prompt[: self.cached_tokens]
+        return self.prompt[self.cached_tokens :]
 
     async def step(self, ids: list[int]) -> int:
         """Step ``ids`` at the chain's position; the token its last span samples. A lost
@@ -134,20 +169,41 @@ class SequenceChain:
         return token
 
     async def _step(self, route: list[rp.RouteStep], position: int, ids: list[int]) -> int:
+        """One step along ``route``. Past ``step_timeout`` without an answer the chain's nodes
+        are probed: one that does not answer is a hang (the step is given up, the chain
+        lost); when all answer, the step is queued behind others on a busy node and is waited
+        for, up to the request's deadline."""
         body, length = encode_request({"input_ids": np.asarray([ids], dtype=np.int64)})
-        left = self.deadline.remaining()
         budget = step_timeout(self.c.config.step_timeout_s, len(ids))
-        deadline = self.deadline if left <= budget else Deadline.after(budget)
-        try:
-            answer = await call_chain(
-                self.c.clients.hop, STEP, route, self.ref, deadline, body, position, length
+        call = asyncio.ensure_future(
+            call_chain(
+                self.c.clients.hop, STEP, route, self.ref, self.deadline, body, position, length
             )
+        )
+        try:
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=min(budget, self.deadline.remaining()))
+                if done:
+                    break
+                if self.deadline.expired():
+                    raise DeadlineExceeded(f"sequence {self.ref.sequence_id}: its deadline passed")
+                self._suspects = await self._unresponsive(route)
+                if self._suspects:
+                    raise SequenceLost(
+                        f"sequence {self.ref.sequence_id}: no answer to a step in {budget:g}s "
+                        f"(step_timeout_s), and {', '.join(sorted(self._suspects))} did not "
+                        "answer a liveness probe"
+                    )
+            answer = call.result()
         except SequenceLost:
             if self.deadline.expired():
                 raise DeadlineExceeded(
                     f"sequence {self.ref.sequence_id}: its deadline passed"
                 ) from None
             raise
+        finally:
+            if not call.done():
+                call.cancel()
         return int(orjson.loads(answer)["token"])
 
     async def _replay(self, ids: list[int], exc: Exception) -> int:
@@ -165,16 +221,19 @@ class SequenceChain:
                     f"was rebuilt ({exc})"
                 ) from exc
             started = time.perf_counter()
-            bad = await self._unresponsive(self.route) or named_urls(str(exc), self.route)
+            bad = self._suspects or await self._unresponsive(self.route)
+            bad = bad or named_urls(str(exc), self.route)
+            self._suspects = set()
             for url in bad:
                 self.c.hops.eject(url, f"lost sequence {self.ref.sequence_id}: {exc}")
             self._excluded |= bad
             old_route, old_ref = self.route, self.ref
             self._forget(old_route, old_ref, bad)
             self.ref = self._new_ref()
+            history = self.fed + ids
             try:
-                await self.open()
-                token = await self._step(self.route, 0, self.fed + ids)
+                cached = await self._open_when_live()
+                token = await self._step(self.route, cached, history[cached:])
             except (SequenceLost, UpstreamError, DeadlineExceeded) as again:
                 if isinstance(again, UpstreamError) and again.status not in LOST:
                     raise
@@ -190,6 +249,22 @@ class SequenceChain:
                 seconds, exc,
             )  # fmt: skip
             return token
+
+    async def _open_when_live(self) -> int:
+        """Open on a new chain; while a span has no live replica (nodes late with their
+        heartbeats on a starved host, or the only others excluded), wait for one rather than
+        fail the stream: exclusions are dropped first, then retried every 0.25 s until the
+        deadline."""
+        while True:
+            try:
+                return await self.open()
+            except NoLiveReplica:
+                if self._excluded:
+                    self._excluded.clear()  # a replica that failed once may serve again
+                    continue
+                if self.deadline.remaining() <= 0.25:
+                    raise
+                await asyncio.sleep(0.25)
 
     async def _unresponsive(self, route: list[rp.RouteStep]) -> set[str]:
         """The replicas of ``route`` that do not answer a liveness probe within PROBE_S."""

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -35,6 +35,7 @@ from appliance.coordinator.placement import Placement
 from appliance.coordinator.request_policy import CacheControl
 from appliance.coordinator.switch import counting
 from appliance.errors import BadRequest
+from appliance.ring import protocol as rp
 from cache.keys import cache_key
 from runtime.deadline import Deadline
 from runtime.text import PackageText, StopMatcher
@@ -56,12 +57,14 @@ class Chunk:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, not computed: the nodes held their KV
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},  # as OpenAI says it
         }
 
 
@@ -113,7 +116,7 @@ class GenerationRun:
         self.deadline = Deadline.after(coordinator.config.generation_timeout_s)
         self.chain = SequenceChain(
             coordinator, entry, placement, request.sampling, len(self.ids) + self.max_tokens,
-            request_id, self.deadline,
+            request_id, self.deadline, self.ids,
         )  # fmt: skip
         self.first_token_s: float | None = None
         self.cache_control = cache_control or CacheControl()
@@ -158,22 +161,27 @@ class GenerationRun:
 
     async def _generate(self, key: bytes | None) -> AsyncGenerator[Chunk, None]:
         chain = self.chain
-        await chain.open()
-        counted = chain.first_url
-        self.c.sequences_on[counted] = self.c.sequences_on.get(counted, 0) + 1
+        counted: rp.PeerUrl | None = None
         metrics = self.c.metrics
         metrics.sequences.labels(self.entry.name).inc()
         metrics.tokens.labels(self.entry.name, "prompt").inc(len(self.ids))
         started = last = time.perf_counter()
         generated: list[int] = []
-        feed = self.ids
         try:
             while True:
                 if self.disconnected():
                     log.info("sequence %s: its client went away after %d token(s)",
                              chain.ref.sequence_id, len(generated))  # fmt: skip
                     return
-                token = await chain.step(feed)
+                if counted is None:  # open, then the prompt less its cached prefix
+                    feed = await chain.begin()
+                    counted = chain.first_url
+                    self.c.sequences_on[counted] = self.c.sequences_on.get(counted, 0) + 1
+                    self.usage.cached_tokens = chain.cached_tokens
+                    metrics.tokens.labels(self.entry.name, "cached").inc(chain.cached_tokens)
+                    token = await chain.step(feed)
+                else:
+                    token = await chain.step([generated[-1]])
                 if chain.first_url != counted:  # rebuilt elsewhere
                     self.c.sequences_on[counted] -= 1
                     counted = chain.first_url
@@ -191,9 +199,9 @@ class GenerationRun:
                 if chunk.finish_reason:
                     self._offer(key, generated)
                     return
-                feed = [token]
         finally:
-            self.c.sequences_on[counted] -= 1
+            if counted is not None:
+                self.c.sequences_on[counted] -= 1
             metrics.sequences.labels(self.entry.name).dec()
             # freed on every span even when the client went away (this task is cancelled)
             with contextlib.suppress(BaseException):

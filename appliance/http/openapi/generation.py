@@ -124,6 +124,8 @@ def generation_schemas() -> dict[str, Any]:
         prompt_tokens=_INT,
         completion_tokens=_INT,
         total_tokens=_INT,
+        # prompt tokens whose KV the nodes held (prefix reuse), as OpenAI reports cached ones
+        prompt_tokens_details=_obj([], cached_tokens=_INT),
     )
     finish = {"type": "string", "enum": ["stop", "length"], "nullable": True}
     message = _obj(

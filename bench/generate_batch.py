@@ -1,0 +1,307 @@
+"""Generation under concurrency, SmolLM2-135M fp32: continuous batching and prefix reuse.
+
+    python -m bench.generate_batch                 # 1/4/16/32 streams x 128 new tokens, 3 rounds
+    python -m bench.generate_batch --quick         # 1/4/16 streams x 32 tokens, 1 round
+
+Side by side, rounds alternating (the order rotates each round), medians over rounds:
+
+  (L) the in-process batched limit: the appliance's ``DecoderSpan`` over the whole package,
+      each prompt prefilled alone, then every stream's decode step as ONE batch per token,
+      argmax in numpy: no HTTP, no scheduler, no sampling (what batching could give at best);
+  (S1), (S3) ``appliance serve`` with 1 node (1 span) and 3 nodes (3 spans), N concurrent
+      streamed ``POST /v1/completions`` (greedy, ignore_eos), each chunk's arrival timed;
+      ``--step-timeout-s 120``, as 32 prompts on 2 cores wait longer than the default 5 s.
+
+Per (side, streams): aggregate tokens/s (all streams' tokens over the wall time from the first
+request to the last token), p50/p99 inter-token latency (gaps between a stream's chunks, over
+all streams), TTFT p50 (request to first token).
+
+Then TTFT of a prompt made of a repeated 400-token system prompt and a short, different user
+turn, prefix reuse on vs off. The coordinator does not send ``prefix_ids`` yet, so this drives
+the runtime directly (``runtime.decoder_registry``: the node's slot, its batcher and prefix
+cache, as a node's open/step handlers call them), in this process: TTFT = open + first step.
+
+JSON via bench/report.py (stem ``generate-batch``). Nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.generate_common import prompt_text, say
+from bench.generate_http import ROUTE, ServeProcess, SseParser
+from bench.generate_inproc import PACKAGE_NAME, ensure_package, package_encodes
+from bench.report import save_report
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORK = ROOT / "build" / "generate-bench"
+SYSTEM_TOKENS = 400
+STEP_TIMEOUT_S = "120"
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def figures(starts: list[float], times: list[list[float]]) -> dict[str, float]:
+    """Aggregate tokens/s, ITL p50/p99 and TTFT p50 from each stream's start and token times."""
+    tokens = sum(len(t) for t in times)
+    wall = max(t[-1] for t in times) - min(starts)
+    gaps = [b - a for t in times for a, b in zip(t, t[1:], strict=False)]
+    ttft = [t[0] - s for s, t in zip(starts, times, strict=True)]
+    return {
+        "aggregate_tok_s": round(tokens / wall, 1),
+        "itl_p50_ms": round(1000 * percentile(gaps, 50), 1),
+        "itl_p99_ms": round(1000 * percentile(gaps, 99), 1),
+        "ttft_p50_ms": round(1000 * percentile(ttft, 50), 1),
+        "tokens": tokens,
+    }
+
+
+def stream_prompts(count: int, text: str) -> list[str]:
+    """``count`` different prompts: the text rotated to different offsets, cut to 200-280
+    characters (~40-70 tokens)."""
+    text = text * (1 + 600 // max(1, len(text)))
+    step = max(1, (len(text) - 300) // 37)
+    return [text[(i * step) % 300 :][: 200 + 20 * (i % 5)] for i in range(count)]
+
+
+class Limit:
+    """(L): one DecoderSpan over every segment; decode of all streams as one batch."""
+
+    def __init__(self, repo: Path, threads: int) -> None:
+        from runtime.decoder import load_decoder_span
+        from runtime.package import open_package
+        from runtime.session import SessionSettings
+
+        package = open_package(repo, PACKAGE_NAME)
+        settings = SessionSettings(device="cpu", intra_op_threads=threads)
+        self.span = load_decoder_span(package, settings, 0, len(package.segments) - 1)
+        self.repo = repo
+
+    def run(self, prompts: list[str], new: int) -> dict[str, float]:
+        ids = [package_encodes(self.repo, p) for p in prompts]
+        kvs = [self.span.empty_kv() for _ in ids]
+        starts = [time.perf_counter()] * len(ids)  # all requests arrive at once
+        times: list[list[float]] = [[] for _ in ids]
+        tokens = []
+        for i, prompt in enumerate(ids):
+            logits = self.span.step([kvs[i]], np.array([prompt]))
+            tokens.append(int(np.argmax(logits[0])))
+            times[i].append(time.perf_counter())
+        for _ in range(new - 1):
+            logits = self.span.step(kvs, np.array([[t] for t in tokens]))
+            tokens = [int(t) for t in np.argmax(logits, axis=1)]
+            now = time.perf_counter()
+            for t in times:
+                t.append(now)
+        return figures(starts, times)
+
+
+async def timed_stream(session: Any, url: str, prompt: str, new: int) -> tuple[float, list[float]]:
+    """One streamed completion: its start and the arrival time of each chunk with text."""
+    body = {"model": PACKAGE_NAME, "prompt": prompt, "max_tokens": new, "temperature": 0,
+            "stream": True, "ignore_eos": True}  # fmt: skip
+    started = time.perf_counter()
+    times: list[float] = []
+    async with session.post(url.rstrip("/") + ROUTE, json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"POST {ROUTE} answered {r.status}: {(await r.text())[:300]}")
+        parser = SseParser()
+        async for data in r.content.iter_any():
+            now = time.perf_counter()
+            for event in parser.feed(data):
+                if event == "[DONE]":
+                    return started, times
+                for choice in json.loads(event).get("choices") or []:
+                    if choice.get("text"):
+                        times.append(now)
+    return started, times
+
+
+class Serve:
+    """(S1)/(S3): ``appliance serve --nodes K --stages K``, paused between its own rounds."""
+
+    def __init__(self, repo: Path, nodes: int, work: Path, runner: asyncio.Runner) -> None:
+        name = f"batch-fp32-{nodes}"
+        # 32 prompts on 2 cores queue for longer than the default step_timeout_s (5 s)
+        # before their prefill runs: the chain would be counted lost and replayed
+        self.server = ServeProcess(repo, PACKAGE_NAME, nodes, work / name,
+                                   work / "logs" / f"{name}.log",
+                                   extra_args=("--step-timeout-s", STEP_TIMEOUT_S))  # fmt: skip
+        self.url = self.server.wait_listening(600)
+        self.runner = runner
+        self.session: Any = None
+        self.server.pause()
+
+    def run(self, prompts: list[str], new: int) -> dict[str, float]:
+        import aiohttp
+
+        async def go() -> list[tuple[float, list[float]]]:
+            if self.session is None:
+                timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+                self.session = aiohttp.ClientSession(timeout=timeout)
+            return await asyncio.gather(
+                *(timed_stream(self.session, self.url, p, new) for p in prompts)
+            )
+
+        self.server.resume()
+        time.sleep(0.5)
+        try:
+            results = self.runner.run(go())
+        finally:
+            self.server.pause()
+        return figures([s for s, _ in results], [t for _, t in results])
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.runner.run(self.session.close())
+        self.server.stop()
+
+
+async def prefix_ttft(repo: Path, threads: int, rounds: int, system: list[int]) -> dict[str, Any]:
+    """TTFT of system prompt + a different user turn, prefix reuse on vs off (runtime)."""
+    from runtime.decoder_admission import DecoderLimits
+    from runtime.decoder_registry import DecoderRegistry
+    from runtime.package import open_package
+    from runtime.sampling import SamplingParams
+    from runtime.session import SessionSettings
+
+    settings = SessionSettings(device="cpu", intra_op_threads=threads)
+    last = len(open_package(repo, PACKAGE_NAME).segments) - 1
+    registries = {}
+    for mode, block in (("on", 32), ("off", 0)):
+        registry = DecoderRegistry(repo, settings, lambda slots: 2 * 10**9, 600.0,
+                                   DecoderLimits(prefix_block_tokens=block))  # fmt: skip
+        await registry.load(PACKAGE_NAME, 1, 0, last, "s")
+        registries[mode] = registry
+    greedy = SamplingParams(temperature=0.0)
+    ttft: dict[str, list[float]] = {"on": [], "off": []}
+    computed: dict[str, list[int]] = {"on": [], "off": []}
+    tokens: dict[str, list[int]] = {"on": [], "off": []}
+    count = 0
+    for r in range(rounds + 1):  # round 0 warms (and fills the cache of "on")
+        for mode in ("on", "off") if r % 2 else ("off", "on"):
+            slot = registries[mode].slots["s"]
+            prompt = system + [int(t) for t in np.arange(10, 26) + 7 * r]  # same for both
+            count += 1
+            before = slot.prefill_tokens
+            started = time.perf_counter()
+            cached = await slot.open(f"q{count}", len(prompt) + 1, greedy, time.monotonic(),
+                                     prompt)  # fmt: skip
+            result = await slot.step(f"q{count}", cached, np.array([prompt[cached:]]),
+                                     time.monotonic())  # fmt: skip
+            elapsed = time.perf_counter() - started
+            slot.close(f"q{count}")
+            if r:
+                ttft[mode].append(elapsed)
+                computed[mode].append(slot.prefill_tokens - before)
+                tokens[mode].append(int(result.token or 0))
+    for registry in registries.values():
+        registry.close()
+    on, off = statistics.median(ttft["on"]), statistics.median(ttft["off"])
+    return {
+        "how": "runtime DecoderSlot in process (the coordinator sends no prefix_ids yet)",
+        "prompt_tokens": len(system) + 16,
+        "ttft_ms_on": round(1000 * on, 1),
+        "ttft_ms_off": round(1000 * off, 1),
+        "speedup": round(off / on, 2),
+        "prefill_tokens_on": computed["on"],
+        "prefill_tokens_off": computed["off"],
+        "first_tokens_equal": tokens["on"] == tokens["off"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1/4/16 streams, 32 tokens, 1 round")
+    parser.add_argument("--streams", default="1,4,16,32")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sides", default="L,S1,S3")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.streams, args.new_tokens, args.rounds = "1,4,16", 32, 1
+    streams = [int(s) for s in args.streams.split(",")]
+    threads = os.cpu_count() or 1
+    repo = ensure_package(args.work, "fp32", say)
+    text = prompt_text()
+    runner = asyncio.Runner()
+    sides: dict[str, Any] = {}
+    wanted = args.sides.split(",")
+    if "L" in wanted:
+        sides["limit-inproc-batched"] = Limit(repo, threads)
+    for nodes in (1, 3):
+        if f"S{nodes}" in wanted:
+            say(f"starting appliance serve --nodes {nodes}")
+            sides[f"serve-{nodes}span"] = Serve(repo, nodes, args.work, runner)
+    results: dict[str, dict[int, list[dict[str, float]]]] = {n: {} for n in sides}
+    names = list(sides)
+    try:
+        for r in range(args.rounds):
+            for n in streams:
+                prompts = stream_prompts(n, text)
+                order = names[r % len(names) :] + names[: r % len(names)]
+                for name in order:
+                    got = sides[name].run(prompts, args.new_tokens)
+                    results[name].setdefault(n, []).append(got)
+                    say(f"round {r + 1}/{args.rounds} {n:>2} streams {name}: {got}")
+        system = package_encodes(repo, text * (1 + 5 * SYSTEM_TOKENS // len(text)))[:SYSTEM_TOKENS]
+        say("prefix reuse: TTFT of a repeated 400-token system prompt, on vs off")
+        prefix = runner.run(prefix_ttft(repo, threads, max(3, args.rounds * 2), system))
+        say(f"prefix reuse: {prefix}")
+    finally:
+        for side in sides.values():
+            if isinstance(side, Serve):
+                side.close()
+        runner.close()
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for name, by_n in results.items():
+        table[name] = {
+            str(n): {k: round(statistics.median(r[k] for r in rs), 1) for k in rs[0]}
+            for n, rs in by_n.items()
+        }
+    limit = table.get("limit-inproc-batched", {})
+    ratios = {
+        name: {n: round(row["aggregate_tok_s"] / limit[n]["aggregate_tok_s"], 2)
+               for n, row in rows.items() if n in limit}
+        for name, rows in table.items() if name != "limit-inproc-batched"
+    }  # fmt: skip
+    report = {
+        "bench": "generate-batch",
+        "model": "SmolLM2-135M fp32",
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "threads": threads,
+        "medians": table,
+        "ratio_to_limit": ratios,
+        "scaling_vs_1_stream": {
+            name: {
+                n: round(row["aggregate_tok_s"] / rows["1"]["aggregate_tok_s"], 2)
+                for n, row in rows.items()
+            }
+            for name, rows in table.items()
+            if "1" in rows
+        },  # fmt: skip
+        "prefix_reuse": prefix,
+        "per_round": results,
+    }
+    print(json.dumps({k: report[k] for k in ("medians", "ratio_to_limit", "prefix_reuse")},
+                     indent=1))  # fmt: skip
+    save_report(report, args.out, "generate-batch")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

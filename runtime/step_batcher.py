@@ -1,0 +1,218 @@
+"""Continuous batching of one decoder span: the steps of its sequences, gathered into runs.
+
+Every step call of a slot's sequences lands here. Decode steps (one new token each) waiting at
+the same moment run as one ``DecoderSpan.step`` batch, their pasts left-padded to the longest
+(the mask hides the padding); a sequence joins the next batch as soon as its step arrives and
+leaves when it stops stepping: no batch waits for another to drain. A prompt (a step of several
+tokens) runs in chunks of ``prefill_chunk_tokens``, each chunk as its own run between decode
+batches, so a long prefill delays the others' decode by one chunk at a time, never by its whole
+length (padding decode rows to a chunk's width would multiply their compute by the chunk size).
+
+Runs happen one at a time on the slot's executor thread (onnxruntime releases the GIL); the
+queues are touched only from the event loop. ``finish`` callbacks (sampling on the last span)
+run on the executor too, so a batch's sampling never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from runtime.decoder import DecoderSpan, SequenceKV
+
+Finish = Callable[[np.ndarray], Any]
+
+
+@dataclass
+class _Work:
+    key: str
+    kv: SequenceKV
+    inputs: np.ndarray  # [1, T] ids or [1, T, H] hidden
+    finish: Finish  # the span's output for this sequence -> the step's result
+    future: asyncio.Future[Any]
+    done: int = 0  # tokens of inputs already run (prefill chunks)
+    start: int = 0  # kv.length before the step: restored if a run fails
+    chunks: list[np.ndarray] = field(default_factory=list)  # hidden outputs so far
+
+    @property
+    def tokens(self) -> int:
+        return int(self.inputs.shape[1])
+
+
+@dataclass
+class BatchStats:
+    decode_batches: dict[int, int] = field(default_factory=dict)  # rows -> decode runs
+    prefill_chunks: int = 0
+    prefill_tokens: int = 0  # tokens run in steps of several tokens (prompts)
+    decode_tokens: int = 0  # tokens run one per step (generated tokens fed back)
+
+
+class StepBatcher:
+    def __init__(
+        self,
+        span: DecoderSpan,
+        executor: Executor,
+        max_rows: int = 32,
+        prefill_chunk_tokens: int = 64,
+        gather_s: float = 0.0,
+    ) -> None:
+        self.span = span
+        self.executor = executor
+        self.max_rows = max(1, max_rows)
+        self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: a prompt runs whole
+        self.gather_s = gather_s  # wait this long for rows of the last batch still missing
+        self.stats = BatchStats()
+        self._decode: deque[_Work] = deque()
+        self._prefill: deque[_Work] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_rows: set[str] = set()  # the keys of the last decode batch
+        self._last_was_decode = False
+
+    @property
+    def pending(self) -> int:
+        return len(self._decode) + len(self._prefill)
+
+    def submit(
+        self, key: str, kv: SequenceKV, inputs: np.ndarray, finish: Finish
+    ) -> asyncio.Future[Any]:
+        """Queue ``inputs`` (one sequence's new tokens, batch dimension 1) on ``kv`` for the
+        next batch; the future of ``finish`` applied to the span's output for this sequence
+        (hidden [1, T, H], or logits [1, vocab] of its last token). Await it shielded: a
+        cancelled caller leaves the work to complete (a KV never stops halfway in a step)."""
+        loop = asyncio.get_running_loop()
+        work = _Work(key, kv, inputs, finish, loop.create_future(), start=kv.length)
+        (self._decode if work.tokens == 1 else self._prefill).append(work)
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._loop())
+        return work.future
+
+    async def run(self, key: str, kv: SequenceKV, inputs: np.ndarray, finish: Finish) -> Any:
+        return await asyncio.shield(self.submit(key, kv, inputs, finish))
+
+    def forget(self, key: str) -> None:
+        """The sequence was closed: its waiting steps are dropped, it is expected no more."""
+        self._last_rows.discard(key)
+        for queue in (self._decode, self._prefill):
+            for work in [w for w in queue if w.key == key]:
+                queue.remove(work)
+                if not work.future.done():
+                    work.future.cancel()
+
+    def cancel(self) -> None:
+        """The span is unloaded: nothing more runs (a run already on the thread completes)."""
+        if self._task is not None:
+            self._task.cancel()
+        for work in (*self._decode, *self._prefill):
+            if not work.future.done():
+                work.future.cancel()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._decode or self._prefill:
+            # a prefill chunk when the previous run was a decode batch (or nothing decodes)
+            if self._prefill and (self._last_was_decode or not self._decode):
+                work = self._prefill.popleft()
+                await self._run_chunk(loop, work)
+                self._last_was_decode = False
+            else:
+                await self._gather()
+                batch = [
+                    self._decode.popleft() for _ in range(min(self.max_rows, len(self._decode)))
+                ]
+                await self._run_decode(loop, batch)
+                self._last_was_decode = True
+            # let the callers just answered submit their next steps before the next batch forms
+            await asyncio.sleep(0)
+
+    async def _gather(self) -> None:
+        """Rows of the last decode batch whose next step is on its way: wait a little for
+        them, so one late row does not split the batch in two runs."""
+        if self.gather_s <= 0:
+            return
+        missing = self._last_rows - {w.key for w in self._decode}
+        if not missing or len(self._decode) >= self.max_rows:
+            return
+        deadline = asyncio.get_running_loop().time() + self.gather_s
+        while missing and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), left)
+            missing = self._last_rows - {w.key for w in self._decode}
+
+    async def _run_decode(self, loop: asyncio.AbstractEventLoop, batch: list[_Work]) -> None:
+        self._last_rows = {w.key for w in batch}
+        rows = len(batch)
+        self.stats.decode_batches[rows] = self.stats.decode_batches.get(rows, 0) + 1
+        self.stats.decode_tokens += rows
+        try:
+            results = await loop.run_in_executor(self.executor, self._decode_run, batch)
+        except BaseException as exc:
+            for work in batch:
+                _fail(work, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for work, result in zip(batch, results, strict=True):
+            if not work.future.done():
+                work.future.set_result(result)
+
+    def _decode_run(self, batch: list[_Work]) -> list[Any]:
+        inputs = np.concatenate([w.inputs for w in batch], axis=0)
+        out = self.span.step([w.kv for w in batch], inputs)
+        return [w.finish(out[row : row + 1]) for row, w in enumerate(batch)]
+
+    async def _run_chunk(self, loop: asyncio.AbstractEventLoop, work: _Work) -> None:
+        size = self.prefill_chunk_tokens or work.tokens
+        end = min(work.tokens, work.done + size)
+        self.stats.prefill_chunks += 1
+        self.stats.prefill_tokens += end - work.done
+        try:
+            result = await loop.run_in_executor(self.executor, self._chunk_run, work, end)
+        except BaseException as exc:
+            _fail(work, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        if end < work.tokens:
+            self._prefill.append(work)  # round robin between prompts being filled
+        elif not work.future.done():
+            work.future.set_result(result)
+
+    def _chunk_run(self, work: _Work, end: int) -> Any:
+        out = self.span.step([work.kv], work.inputs[:, work.done : end])
+        work.done = end
+        if end < work.tokens:
+            if not self.span.is_last:
+                work.chunks.append(out)
+            return None
+        if not self.span.is_last:
+            out = np.concatenate([*work.chunks, out], axis=1) if work.chunks else out
+        return work.finish(out)
+
+
+def _fail(work: _Work, exc: BaseException) -> None:
+    """A failed run: the KV goes back to where the step started (nothing half applied)."""
+    truncate(work.kv, work.start)
+    if not work.future.done():
+        if isinstance(exc, asyncio.CancelledError):
+            work.future.cancel()
+        else:
+            work.future.set_exception(exc)
+
+
+def truncate(kv: SequenceKV, length: int) -> None:
+    """Keep the first ``length`` tokens of a sequence's KV."""
+    if length >= kv.length:
+        return
+    kv.keys = [np.ascontiguousarray(k[:, :, :length]) for k in kv.keys]
+    kv.values = [np.ascontiguousarray(v[:, :, :length]) for v in kv.values]
+    kv.length = length

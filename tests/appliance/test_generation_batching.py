@@ -1,0 +1,154 @@
+"""Continuous batching and prefix reuse on real nodes (in process, port 0) serving the tiny
+Llama in two spans: concurrent streams answer the in-process greedy tokens in shared decode
+batches, opens past max_sequences queue then proceed (or 503), and an open carrying the
+prompt's ids starts from the chain's cached prefix: fewer prompt tokens computed, same tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import orjson
+import pytest
+
+from appliance.errors import UpstreamError
+from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain
+from runtime.codec import encode_request
+from runtime.deadline import Deadline
+from tests.conftest import RunningCoordinator, StartCoordinator
+from tests.support.tiny_ring import MODEL, in_process_greedy, start_tiny_ring
+
+PREFIX = np.random.default_rng(4).integers(3, 300, size=400).tolist()
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of a metric's samples on a /metrics page."""
+    pattern = re.compile(rf"^{name}(?:{{[^}}]*}})? (\S+)$", re.M)
+    return sum(float(v) for v in pattern.findall(text))
+
+
+async def node_metrics(ring: RunningCoordinator) -> list[str]:
+    pages = []
+    for node in ring.nodes:
+        async with node.client.get(node.url + "/metrics") as r:
+            assert r.status == 200
+            pages.append(await r.text())
+    return pages
+
+
+class Chain:
+    """The node sequence API along one replica chain, driven as a coordinator would."""
+
+    def __init__(self, ring: RunningCoordinator) -> None:
+        service = ring.service
+        entry, placement = service.placed(MODEL)
+        route = service.cluster.route(MODEL, entry.digest, len(entry.sizes), placement, 0.0)
+        self.route = [type(s)(s.first, s.last, s.replicas[:1]) for s in route]
+        self.post, self.digest = service.clients.hop, entry.digest
+
+    def ref(self, name: str) -> SequenceRef:
+        return SequenceRef(MODEL, self.digest, name, "test")
+
+    async def open(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        raw = await call_chain(self.post, OPEN, self.route, self.ref(name), Deadline.after(30),
+                               orjson.dumps(body))  # fmt: skip
+        answer: dict[str, Any] = orjson.loads(raw)
+        return answer
+
+    async def step(self, name: str, position: int, ids: list[int]) -> int:
+        body, length = encode_request({"input_ids": np.array([ids], np.int64)})
+        raw = await call_chain(self.post, STEP, self.route, self.ref(name), Deadline.after(30),
+                               body, position, length)  # fmt: skip
+        token: int = orjson.loads(raw)["token"]
+        return token
+
+    async def close(self, name: str) -> None:
+        await call_chain(self.post, CLOSE, self.route, self.ref(name), Deadline.after(30), b"{}")
+
+    async def generate(
+        self, name: str, prompt: list[int], new: int, prefix: bool
+    ) -> tuple[int, list[int]]:
+        body: dict[str, Any] = {"reserve": len(prompt) + new, "sampling": {"temperature": 0}}
+        if prefix:
+            body["prefix_ids"] = prompt
+        cached = int((await self.open(name, body))["cached_tokens"])
+        tokens = [await self.step(name, cached, prompt[cached:])]
+        while len(tokens) < new:
+            tokens.append(await self.step(name, len(prompt) + len(tokens) - 1, [tokens[-1]]))
+        await self.close(name)
+        return cached, tokens
+
+
+async def test_concurrent_streams_share_decode_batches_and_answer_the_greedy_tokens(
+    start_coordinator: StartCoordinator, tmp_path: Path
+) -> None:
+    ring = await start_tiny_ring(start_coordinator, tmp_path)
+    prompts = [f"the quick brown fox {'jumps ' * i}over" for i in range(8)]
+    async with openai.AsyncOpenAI(base_url=ring.url + "/v1", api_key="none", max_retries=0) as c:
+        answers = await asyncio.gather(*(
+            c.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0)
+            for p in prompts
+        ))  # fmt: skip
+    for prompt, answer in zip(prompts, answers, strict=True):
+        expected, text = in_process_greedy(prompt, 12)
+        assert answer.choices[0].text == text.decode(expected)
+    for page in await node_metrics(ring):
+        rows = metric(page, "appliance_decode_batch_rows_sum")
+        runs = metric(page, "appliance_decode_batch_rows_count")
+        assert runs > 0 and rows / runs > 1.5, (rows, runs)  # decode steps ran together
+        assert metric(page, "appliance_generated_tokens_total") == rows
+
+
+async def test_opens_past_max_sequences_wait_for_a_close_and_a_full_queue_is_503(
+    start_coordinator: StartCoordinator, tmp_path: Path
+) -> None:
+    ring = await start_tiny_ring(
+        start_coordinator, tmp_path, node_settings={"max_sequences": 1, "max_queued_sequences": 1}
+    )
+    chain = Chain(ring)
+    body = {"reserve": 8}
+    await chain.open("a", body)
+    second = asyncio.create_task(chain.open("b", body))
+    await asyncio.sleep(0.3)
+    assert not second.done()
+    with pytest.raises(UpstreamError, match="max_queued_sequences 1") as full:
+        await chain.open("c", body)
+    assert full.value.status == 503
+    page = (await node_metrics(ring))[0]
+    assert metric(page, "appliance_sequences_queued") == 1
+    await chain.close("a")
+    assert (await asyncio.wait_for(second, 5))["opened"] is True
+    assert await chain.step("b", 0, [5, 6, 7]) >= 0
+    await chain.close("b")
+
+
+async def test_a_shared_400_token_prefix_is_computed_once_along_the_chain(
+    start_coordinator: StartCoordinator, tmp_path: Path
+) -> None:
+    ring = await start_tiny_ring(start_coordinator, tmp_path)
+    chain = Chain(ring)
+    tails = [[9, 8, 7, 6, 5], [40, 41, 42], [100, 101, 102, 103]]
+    plain = [await chain.generate(f"p{i}", PREFIX + t, 6, False) for i, t in enumerate(tails)]
+    before = [metric(p, "appliance_prefill_tokens_total") for p in await node_metrics(ring)]
+    reused = [await chain.generate(f"r{i}", PREFIX + t, 6, True) for i, t in enumerate(tails)]
+    after = [metric(p, "appliance_prefill_tokens_total") for p in await node_metrics(ring)]
+    aligned = len(PREFIX) // 32 * 32
+    assert [c for c, _ in reused] == [0, aligned, aligned]  # the min over both spans
+    assert [t for _, t in reused] == [t for _, t in plain]
+    for node_before, node_after in zip(before, after, strict=True):
+        computed_reused = node_after - node_before
+        assert node_before - computed_reused >= 2 * aligned  # per node, the prefix is not redone
+    pages = await node_metrics(ring)
+    assert [metric(p, "appliance_prefix_hits_total") for p in pages] == [2, 2]
+    await asyncio.sleep(0.5)  # heartbeats every 0.2 s carry the newest block names
+    for member in ring.service.cluster.members.values():
+        (span,) = member.load["decoder_spans"]
+        assert span["prefix_block_tokens"] == 32 and len(span["prefix_blocks"]) >= aligned // 32
+        assert member.load["kv_reserved_bytes"] == 0 and member.load["kv_cached_bytes"] > 0
+    with pytest.raises(UpstreamError, match="prefix_ids must be") as bad:
+        await chain.open("bad", {"reserve": 8, "prefix_ids": [1, "x"]})
+    assert bad.value.status == 400
