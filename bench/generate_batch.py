@@ -9,17 +9,18 @@ Side by side, rounds alternating (the order rotates each round), medians over ro
       each prompt prefilled alone, then every stream's decode step as ONE batch per token,
       argmax in numpy: no HTTP, no scheduler, no sampling (what batching could give at best);
   (S1), (S3) ``appliance serve`` with 1 node (1 span) and 3 nodes (3 spans), N concurrent
-      streamed ``POST /v1/completions`` (greedy, ignore_eos), each chunk's arrival timed;
-      ``--step-timeout-s 120``, as 32 prompts on 2 cores wait longer than the default 5 s.
+      streamed ``POST /v1/completions`` (greedy, ignore_eos), each chunk's arrival timed,
+      with the default settings (a step queued behind others waits: the coordinator gives a
+      chain up only when a node stops answering a probe).
 
 Per (side, streams): aggregate tokens/s (all streams' tokens over the wall time from the first
 request to the last token), p50/p99 inter-token latency (gaps between a stream's chunks, over
 all streams), TTFT p50 (request to first token).
 
 Then TTFT of a prompt made of a repeated 400-token system prompt and a short, different user
-turn, prefix reuse on vs off. The coordinator does not send ``prefix_ids`` yet, so this drives
-the runtime directly (``runtime.decoder_registry``: the node's slot, its batcher and prefix
-cache, as a node's open/step handlers call them), in this process: TTFT = open + first step.
+turn, prefix reuse on vs off, in this process without HTTP (``runtime.decoder_registry``: the
+node's slot, its batcher and prefix cache, as a node's open/step handlers call them): TTFT =
+open + first step.
 
 JSON via bench/report.py (stem ``generate-batch``). Nothing here asserts on time.
 """
@@ -45,7 +46,6 @@ from bench.report import save_report
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORK = ROOT / "build" / "generate-bench"
 SYSTEM_TOKENS = 400
-STEP_TIMEOUT_S = "120"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -133,11 +133,8 @@ class Serve:
 
     def __init__(self, repo: Path, nodes: int, work: Path, runner: asyncio.Runner) -> None:
         name = f"batch-fp32-{nodes}"
-        # 32 prompts on 2 cores queue for longer than the default step_timeout_s (5 s)
-        # before their prefill runs: the chain would be counted lost and replayed
         self.server = ServeProcess(repo, PACKAGE_NAME, nodes, work / name,
-                                   work / "logs" / f"{name}.log",
-                                   extra_args=("--step-timeout-s", STEP_TIMEOUT_S))  # fmt: skip
+                                   work / "logs" / f"{name}.log")  # fmt: skip
         self.url = self.server.wait_listening(600)
         self.runner = runner
         self.session: Any = None
@@ -210,7 +207,7 @@ async def prefix_ttft(repo: Path, threads: int, rounds: int, system: list[int]) 
         registry.close()
     on, off = statistics.median(ttft["on"]), statistics.median(ttft["off"])
     return {
-        "how": "runtime DecoderSlot in process (the coordinator sends no prefix_ids yet)",
+        "how": "runtime DecoderSlot in process (open + first step, no HTTP)",
         "prompt_tokens": len(system) + 16,
         "ttft_ms_on": round(1000 * on, 1),
         "ttft_ms_off": round(1000 * off, 1),

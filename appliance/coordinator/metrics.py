@@ -18,6 +18,12 @@ class CoordinatorMetrics:
         self.retries = Counter(
             "appliance_hop_retries", "hops retried on another replica", ["node"], registry=r
         )
+        self.hedges = Counter(
+            "appliance_hop_hedges",
+            "hops also sent to this replica because the first was past its replica's p99",
+            ["node"],
+            registry=r,
+        )
         self.ejections = Counter(
             "appliance_ejections", "replicas ejected after a failure", ["node"], registry=r
         )

@@ -77,6 +77,7 @@ class Coordinator:
             on_retry=lambda url: m.retries.labels(url).inc(),
             on_eject=lambda url: m.ejections.labels(url).inc(),
             on_success=lambda url, seconds: m.hop_latency.labels(url).observe(seconds),
+            on_hedge=lambda url: m.hedges.labels(url).inc(),
         )
         self.cache = cache
         self.cache_policies, self.default_cache_policy = model_cache_policies(

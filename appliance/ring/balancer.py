@@ -12,13 +12,15 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from collections import deque
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_ALPHA = 0.3
 # The latency assumed when no replica has a sample yet: any positive value works, since then
 # every replica scores by its outstanding count alone.
 _NO_SAMPLES_LATENCY_S = 1.0
+RECENT = 100  # latencies kept per replica for its p99 (when to hedge a hop)
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ReplicaStats:
     ewma_latency_s: float = 0.0  # meaningless while samples == 0
     samples: int = 0
     speed: float = 1.0  # measured speed relative to the median node's (until it has samples)
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
 
 
 def record_latency(stats: ReplicaStats, seconds: float, alpha: float = DEFAULT_ALPHA) -> None:
@@ -43,6 +46,44 @@ def record_latency(stats: ReplicaStats, seconds: float, alpha: float = DEFAULT_A
     else:
         stats.ewma_latency_s += alpha * (seconds - stats.ewma_latency_s)
     stats.samples += 1
+    stats.recent.append(seconds)
+
+
+def hedge_after(stats: ReplicaStats, floor_s: float, min_samples: int = 20) -> float | None:
+    """When a hop to this replica, still unanswered, gets a copy sent to another replica: its
+    recent p99 (of the last RECENT answers), never under ``floor_s``; None (no hedge) before
+    it has ``min_samples`` answers to know its p99 from."""
+    if len(stats.recent) < min_samples:
+        return None
+    ordered = sorted(stats.recent)
+    p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+    return max(floor_s, p99)
+
+
+class HedgeBudget:
+    """At most ``ratio`` of calls (plus ``burst``) get a hedge: a ring where every hop is slow
+    (overloaded, not one replica stuck) must not be sent its work twice. Counts halve every
+    ``window`` calls, so the budget follows the recent traffic."""
+
+    def __init__(self, ratio: float = 0.1, burst: int = 5, window: int = 1000) -> None:
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"ratio {ratio!r}: the share of calls that may hedge, in [0, 1]")
+        self.ratio, self.burst, self.window = ratio, burst, window
+        self.calls = 0.0
+        self.hedges = 0.0
+
+    def count_call(self) -> None:
+        self.calls += 1
+        if self.calls >= self.window:
+            self.calls /= 2
+            self.hedges /= 2
+
+    def take(self) -> bool:
+        """Whether one more hedge is allowed now (it is counted if so)."""
+        if self.hedges >= self.ratio * self.calls + self.burst:
+            return False
+        self.hedges += 1
+        return True
 
 
 def score(stats: ReplicaStats, default_latency_s: float) -> float:

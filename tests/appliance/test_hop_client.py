@@ -112,3 +112,76 @@ def test_a_hop_carries_the_time_left_and_reads_an_older_peers_epoch_instant() ->
     for bad in (None, "", "soon", "+x"):
         with pytest.raises(BadRequest, match=r"\+SECONDS"):
             parse_deadline(bad)
+
+
+async def switchable() -> tuple[web.AppRunner, str, dict[str, float]]:
+    """A replica whose delay the test changes while it runs."""
+    delay = {"s": 0.0}
+
+    async def hop(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(delay["s"])
+        return web.Response(body=b"ok")
+
+    app = web.Application()
+    app.router.add_post("/internal/hop", hop)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}", delay
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.0])
+async def test_a_hop_slower_than_its_replicas_p99_is_hedged_to_the_next(
+    post: HopPost, ratio: float
+) -> None:
+    import time
+
+    (ra, a, delay_a), (rb, b, _) = await switchable(), await switchable()
+    hedged: list[str] = []
+    settings = HopSettings(min_attempt_s=1.0, hedge_ratio=ratio)
+    client = HopClient(post, settings, seed=3, on_hedge=hedged.append)
+    try:
+        for _ in range(30):  # each answers in a few ms: each replica's p99 is learned
+            assert await call(client, [a], 3.0) == await call(client, [b], 3.0) == b"ok"
+        assert hedged == []  # nothing was ever slower than its p99 floor for long
+        # a looks the faster (so the balancer picks it first), then hangs (a pulled cable: no
+        # reset, no answer)
+        client.stats[PeerUrl(b)].ewma_latency_s = 10 * client.stats[PeerUrl(a)].ewma_latency_s
+        delay_a["s"] = 5.0
+        slowest = 0.0
+        for _ in range(4):
+            started = time.perf_counter()
+            assert await call(client, [a, b], 3.0) == b"ok"
+            slowest = max(slowest, time.perf_counter() - started)
+        if ratio:
+            # the calls that picked a went to b once a was past its p99 (20 ms floor), not
+            # after min_attempt_s; the balancer then learned that a is slow
+            assert slowest < 0.5, slowest
+            assert hedged and set(hedged) <= {b}
+            assert client.stats[PeerUrl(a)].ewma_latency_s > client.stats[PeerUrl(b)].ewma_latency_s
+        else:
+            assert hedged == [] and slowest >= 1.0  # no hedging: the fair attempt ran out first
+    finally:
+        delay_a["s"] = 0.0
+        await ra.cleanup()
+        await rb.cleanup()
+
+
+def test_the_hedge_budget_follows_recent_calls_and_a_p99_needs_samples() -> None:
+    from appliance.ring.balancer import HedgeBudget, ReplicaStats, hedge_after, record_latency
+
+    budget = HedgeBudget(ratio=0.1, burst=2, window=100)
+    assert [budget.take() for _ in range(3)] == [True, True, False]  # the burst, then none
+    for _ in range(50):
+        budget.count_call()
+    assert sum(budget.take() for _ in range(10)) == 5  # 10 % of 50 calls
+    stats = ReplicaStats("a")
+    for i in range(19):
+        record_latency(stats, 0.001 * (i + 1))
+    assert hedge_after(stats, 0.005) is None  # too few answers to know a p99 from
+    record_latency(stats, 0.5)  # one outlier among 20: the p99 of 20 is the slowest
+    assert hedge_after(stats, 0.005) == 0.5
+    assert hedge_after(ReplicaStats("b", recent=stats.recent.copy()), 1.0) == 1.0  # the floor
