@@ -16,3 +16,14 @@ def save_report(report: dict[str, Any], out: Path | None, stem: str) -> Path:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def other_sections(old: str, new: str) -> list[str]:
+    """The ``## `` sections of ``old`` whose titles ``new`` does not have, in order."""
+    titles = {line for line in new.splitlines() if line.startswith("## ")}
+    kept = []
+    for part in old.split("\n## ")[1:]:
+        title = "## " + part.splitlines()[0]
+        if title not in titles:
+            kept.append("\n## " + part.rstrip("\n") + "\n")
+    return kept

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from bench.loadgen import run_load
+from bench.report import other_sections
 from bench.serving import NodeProcess, in_process_limit, sample_inputs
 from exporter.demo_model import build_demo_model
 from exporter.export import export_model
@@ -356,7 +357,10 @@ def write_report(report: dict[str, Any], docs: Path) -> Path:
         plots = _plots(rows, docs, model, tokens)
         lines += [f"![{name}]({name})" for name in plots] + [""]
     out = docs / "performance.md"
-    out.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    if out.exists():  # sections other benches wrote (generation, hot path, hosts) are kept
+        text += "".join(other_sections(out.read_text(), text))
+    out.write_text(text)
     return out
 
 

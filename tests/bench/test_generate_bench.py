@@ -361,3 +361,12 @@ def test_round_figures_and_helpers() -> None:
         "[ 20%] unity_2_cxx.cxx.o"
     )
     assert _build_status("random noise") is None
+
+
+def test_a_full_faults_document_keeps_the_sections_other_benches_wrote() -> None:
+    from bench.report import other_sections
+
+    old = "# R\n\nintro\n\n## A\n\nold a\n\n## Test hosts\n\nh1\nh2\n\n## B\nb\n"
+    new = "# R\n\n## A\n\nnew a\n\n## B\nb2\n"
+    assert other_sections(old, new) == ["\n## Test hosts\n\nh1\nh2\n"]
+    assert other_sections(new, new) == []
