@@ -137,12 +137,21 @@ def openapi_document() -> dict[str, Any]:
             "get": _op(
                 "a succeeded job's answer, as the sync call would have sent it",
                 {
-                    "description": "the answer",
+                    "description": "the answer (of the route the job was submitted to)",
                     "headers": {
                         HEADER_LENGTH: {"schema": {"type": "string", "pattern": "^[0-9]+$"}}
                     },
                     "content": {
-                        **_json(_ref("InferResponse")),
+                        **_json(
+                            {
+                                "oneOf": [
+                                    _ref("InferResponse"),
+                                    _ref("GenerateResponse"),
+                                    _ref("Completion"),
+                                    _ref("ChatCompletion"),
+                                ]
+                            }  # fmt: skip
+                        ),
                         BINARY: {"schema": {"type": "string", "format": "binary"}},
                     },
                 },
