@@ -8,18 +8,16 @@ or its tokens differ from the undisturbed run's."""
 from __future__ import annotations
 
 import ssl
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import openai
 
 from tests.support.faults.common import metric_sum
 from tests.support.hosts import HostRing
+from tests.support.streams import Stream, streams_at_once
 from tests.support.tiny_llm import shared_tiny_package
 
 MODEL = "tiny-llm"
@@ -32,18 +30,6 @@ def tiny_repo(repo: Path) -> Path:
     return repo
 
 
-@dataclass
-class Stream:
-    prompt: str
-    ids: list[int] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    error: str = ""
-
-    @property
-    def largest_gap_s(self) -> float:
-        return float(max(np.diff(self.times), default=0.0))
-
-
 def run_streams(
     ring: HostRing, count: int, tokens: int, fault: Callable[[], None] | None = None
 ) -> list[Stream]:
@@ -54,40 +40,10 @@ def run_streams(
         base_url=ring.url + "/v1", api_key="none", max_retries=0, timeout=120,
         http_client=openai.DefaultHttpxClient(verify=context, timeout=120),
     )  # fmt: skip
-    streams = [Stream(PROMPTS[i % len(PROMPTS)]) for i in range(count)]
-    started = threading.Barrier(count + 1, timeout=120)
-
-    def run(stream: Stream) -> None:
-        told = False
-        try:
-            events = client.completions.create(
-                model=MODEL, prompt=stream.prompt, max_tokens=tokens, temperature=0, stream=True,
-                extra_body={"ignore_eos": True, "return_token_ids": True},
-                extra_headers={"Cache-Control": "no-cache, no-store"},
-            )  # fmt: skip
-            for event in events:
-                ids = (event.choices[0].model_extra or {}).get("token_ids") or []
-                stream.ids += ids
-                stream.times += [time.monotonic()] * len(ids)
-                if ids and not told:
-                    told = True
-                    started.wait()
-        except Exception as exc:  # counted as a failed stream
-            stream.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            if not told:
-                started.abort()
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in streams]
-    with ring.hosts.inside(ring.client_host):  # the streams' sockets are the client host's
-        for thread in threads:
-            thread.start()
-    started.wait()
-    if fault is not None:
-        fault()
-    for thread in threads:
-        thread.join(timeout=180)
-    return streams
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
+    # the streams' sockets are the client host's
+    return streams_at_once(client, MODEL, prompts, tokens, fault,
+                           lambda: ring.hosts.inside(ring.client_host), timeout_s=180)  # fmt: skip
 
 
 def busy_node(ring: HostRing) -> str:

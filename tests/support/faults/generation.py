@@ -16,7 +16,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from runtime.text import PackageText
 from tests.support.faults.common import FaultRecord, metric_sum, timed
 from tests.support.harness import Ring, http
 from tests.support.smollm2 import NAME, smollm2_export, smollm2_repo
+from tests.support.streams import Stream, streams_at_once
 
 NEAR_TIE = 2e-3
 PROMPTS = [
@@ -44,56 +44,12 @@ PROMPTS = [
 ]
 
 
-@dataclass
-class Stream:
-    prompt: str
-    ids: list[int] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    error: str = ""
-
-    @property
-    def largest_gap_s(self) -> float:
-        return float(max(np.diff(self.times), default=0.0))
-
-
 def run_streams(
     ring: Ring, prompts: list[str], tokens: int, fault: Callable[[], None] | None = None
 ) -> list[Stream]:
-    """The streams at once; ``fault`` runs once every stream has at least one token."""
+    """The streams at once against ``ring``; ``fault`` runs once every stream has a token."""
     client = openai.OpenAI(base_url=ring.url + "/v1", api_key="none", max_retries=0, timeout=300)
-    streams = [Stream(p) for p in prompts]
-    started = threading.Barrier(len(streams) + 1, timeout=300)
-
-    def run(stream: Stream) -> None:
-        told = False
-        try:
-            events = client.completions.create(
-                model=NAME, prompt=stream.prompt, max_tokens=tokens, temperature=0, stream=True,
-                extra_body={"ignore_eos": True, "return_token_ids": True},
-                extra_headers={"Cache-Control": "no-cache, no-store"},
-            )  # fmt: skip
-            for event in events:
-                ids = (event.choices[0].model_extra or {}).get("token_ids") or []
-                stream.ids += ids
-                stream.times += [time.monotonic()] * len(ids)
-                if ids and not told:
-                    told = True
-                    started.wait()
-        except Exception as exc:  # counted as a failed stream
-            stream.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            if not told:
-                started.abort()
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in streams]
-    for thread in threads:
-        thread.start()
-    started.wait()
-    if fault is not None:
-        fault()
-    for thread in threads:
-        thread.join(timeout=300)
-    return streams
+    return streams_at_once(client, NAME, prompts, tokens, fault)
 
 
 def busy_node(ring: Ring, among: set[str]) -> str:
