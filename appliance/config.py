@@ -58,6 +58,17 @@ class ServerConfig:
         default=True,
         metadata={"help": "hops over a lean keep-alive HTTP/1.1 client (false: aiohttp's)"},
     )
+    link_probe_bytes: int = field(
+        default=256 * 1024,
+        metadata={
+            "help": "a link to a member is probed when the member is first seen: a few "
+            "empty calls (latency) and one of this many bytes (throughput); 0: latency only"
+        },
+    )
+    link_probe_interval_s: float = field(
+        default=300.0,
+        metadata={"help": "a link is probed again this long after (traffic measures it between)"},
+    )
     log_level: Literal["debug", "info", "warning", "error"] = field(
         default="info", metadata={"help": "logging level"}
     )
@@ -206,6 +217,15 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be 0 (no limit) or more, got {getattr(self, name)}")
         if self.signature_window_s <= 0:
             raise ConfigError(f"signature_window_s must be above 0, got {self.signature_window_s}")
+        if not 0 <= self.link_probe_bytes <= self.max_body_bytes:
+            raise ConfigError(
+                f"link_probe_bytes must be 0..max_body_bytes ({self.max_body_bytes}), "
+                f"got {self.link_probe_bytes}"
+            )
+        if self.link_probe_interval_s <= 0:
+            raise ConfigError(
+                f"link_probe_interval_s must be above 0, got {self.link_probe_interval_s}"
+            )
         self.check_connections()
 
     def check_connections(self) -> None:

@@ -7,6 +7,10 @@ of ``--clients`` for ``--seconds`` each); medians of the rounds' throughput, p50
 their ratios. Then a first-span node's cable is pulled under load on the hosts: the slowest answer
 in flight, the time from the pull until a request sent after it is answered, and answers slower
 than 1 s. Needs root and iproute2 (tests/support/hosts_net.py).
+
+The per-hop network share of each variant comes from GET /v2/cluster before and after each
+round: the links' network seconds (each caller's time less what the callee says it spent) over
+those plus the nodes' compute seconds on hops, summed over the rounds.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 from bench.report import save_report
 from tests.support.faults.common import make_repo, token_rows
-from tests.support.harness import Ring
+from tests.support.harness import Ring, http
 from tests.support.hosts import TimedLoad, hosts_ring, percentile
 from tests.support.hosts_faults import MAX_REQUESTS, NODES, replicas_of
 from tests.support.hosts_net import unavailable_reason
@@ -43,6 +47,32 @@ def round_figures(load: TimedLoad, seconds: float) -> dict[str, float]:
         "p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         "failed": load.tally.failed,
+    }
+
+
+def split(view: dict[str, Any]) -> dict[str, float]:
+    """Link network seconds and calls, and the nodes' compute seconds and hops, so far."""
+    links = [row for row in view.get("links", []) if row["from"] != row["to"]]
+    compute = [n.get("load", {}).get("hop_compute", {}).get("hop", {}) for n in view["nodes"]]
+    return {
+        "network_s": sum(row.get("network_s", 0.0) for row in links),
+        "calls": sum(row.get("calls", 0) for row in links),
+        "compute_s": sum(c.get("seconds", 0.0) for c in compute),
+        "hops": sum(c.get("count", 0) for c in compute),
+    }
+
+
+def network_share(deltas: list[dict[str, float]]) -> dict[str, float]:
+    """The rounds' summed split: network share, and per call / per hop milliseconds."""
+    total = {
+        key: sum(d[key] for d in deltas) for key in ("network_s", "calls", "compute_s", "hops")
+    }
+    spent = total["network_s"] + total["compute_s"]
+    return {
+        "network_share": round(total["network_s"] / spent, 3) if spent else float("nan"),
+        "network_ms_per_call": round(1e3 * total["network_s"] / max(total["calls"], 1), 3),
+        "compute_ms_per_hop": round(1e3 * total["compute_s"] / max(total["hops"], 1), 3),
+        "calls": total["calls"],
     }
 
 
@@ -97,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.hosts: {reason}", file=sys.stderr)
         return 2
     rounds: dict[str, list[dict[str, float]]] = {"hosts": [], "loopback": []}
+    deltas: dict[str, list[dict[str, float]]] = {"hosts": [], "loopback": []}
     with tempfile.TemporaryDirectory(prefix="bench-hosts-") as tmp:
         work = Path(tmp)
         with hosts_ring(work / "hosts", NODES, stages=2, replicas=2) as ring:
@@ -112,13 +143,24 @@ def main(argv: list[str] | None = None) -> int:
                 loop.wait_members(len(NODES))
                 loop.load("demo", stages=2, replicas=2)
                 loop.wait_ready()
+
+                def view(variant: str) -> dict[str, Any]:
+                    if variant == "hosts":
+                        return ring.cluster()
+                    status, body = http("GET", loop.url + "/v2/cluster")
+                    assert status == 200, body
+                    return dict(body)
+
                 for index in range(args.rounds):
                     order = ["hosts", "loopback"] if index % 2 == 0 else ["loopback", "hosts"]
                     for variant in order:
+                        before = split(view(variant))
                         if variant == "loopback":
                             row = loopback_round(loop.url, args.clients, args.seconds)
                         else:
                             row = hosts_round(ring, args.clients, args.seconds)
+                        after = split(view(variant))
+                        deltas[variant].append({k: after[k] - before[k] for k in after})
                         rounds[variant].append(row)
                         print(f"round {index + 1}/{args.rounds} {variant}: {row}", flush=True)
             finally:
@@ -148,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "median": summary,
         "hosts_over_loopback": ratio,
+        "network_share": {variant: network_share(d) for variant, d in deltas.items()},
         "pulled_link": failover,
     }
     print(f"\n| ring ({args.clients} clients, median of {args.rounds} alternating rounds) "
@@ -158,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {row['throughput_rps']:.1f} | {row['p50_ms']:.1f} "
               f"| {row['p99_ms']:.1f} | {row['failed']} |")  # fmt: skip
     print(f"hosts / loopback: {ratio}")
+    for variant, share in report["network_share"].items():
+        print(f"per-hop network share, {variant}: {share['network_share']:.0%} of link + "
+              f"compute time ({share['network_ms_per_call']} ms per call on a link, "
+              f"{share['compute_ms_per_hop']} ms of a node's compute per hop, "
+              f"{share['calls']} calls)")  # fmt: skip
     print(
         f"pulled link ({failover['victim']}): {failover['failed']} failed, slowest answer in "
         f"flight {failover['slowest_during_pull_s']} s, first answer to a request sent after "

@@ -21,6 +21,7 @@ from google.protobuf.message import EncodeError
 from onnx import TensorProto
 
 from exporter.errors import ExportError, PackageExists
+from runtime.errors import UnsupportedDatatype
 from runtime.manifest import (
     Manifest,
     SegmentInfo,
@@ -217,7 +218,16 @@ def _write_segment(folder: Path, k: int, model: onnx.ModelProto, threshold: int)
         inputs=[v.name for v in _graph_inputs(model.graph)],
         outputs=[v.name for v in model.graph.output],
         external_data=external,
+        output_row_bytes=_output_row_bytes(model),
     )
+
+
+def _output_row_bytes(model: onnx.ModelProto) -> int | None:
+    """What the segment's outputs weigh per row, if their types are declared."""
+    try:
+        return sum(_tensor_info(v, "output").row_bytes() for v in model.graph.output)
+    except (ExportError, UnsupportedDatatype):
+        return None
 
 
 def _serialized_size(model: onnx.ModelProto) -> int:

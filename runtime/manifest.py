@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.datatypes import numpy_dtype
 from runtime.errors import ModelLoadError
 
 MANIFEST_FILE = "manifest.json"
@@ -33,6 +34,14 @@ class TensorInfo:
     name: str
     datatype: str
     shape: list[int]  # -1 marks a variable dim
+
+    def row_bytes(self) -> int:
+        """Bytes of one row (the first dim is the batch), variable dims counted as 1: per
+        token for a sequence dim. A BYTES element counts 1."""
+        size = 1 if self.datatype == "BYTES" else numpy_dtype(self.datatype).itemsize
+        for dim in self.shape[1:]:
+            size *= max(dim, 1)
+        return size
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,9 @@ class SegmentInfo:
     # external data files of this segment (relative to the version folder), hashed too
     external_data: list[str] = field(default_factory=list)
     kv: KvLayout | None = None  # generation packages only
+    # what this segment hands the next per row (TensorInfo.row_bytes of its outputs): what a
+    # cut after it sends over a link; None from exporters before it was recorded
+    output_row_bytes: int | None = None
 
     @staticmethod
     def from_dict(raw: dict[str, Any]) -> SegmentInfo:

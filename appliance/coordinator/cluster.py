@@ -45,6 +45,7 @@ class Member:
     generation: int = 0  # the node's count of loads and unloads when it reported its spans
     protocol: int = 1  # what it speaks on /internal (2: generation)
     kinds: tuple[str, ...] = ("single_pass",)  # the package kinds it can serve
+    links: list[dict[str, Any]] = field(default_factory=list)  # its links, as it reports them
 
     def holds(self, model: str, digest: str, first: int, last: int) -> bool:
         return any(
@@ -114,6 +115,7 @@ def parse_member(raw: Any, now: float, ring_index: int) -> Member:
             generation=int(raw.get("generation", 0)),
             protocol=int(raw.get("protocol", 1)),
             kinds=tuple(str(k) for k in raw.get("kinds", ["single_pass"])),
+            links=[x for x in raw.get("links") or [] if isinstance(x, dict) and "to" in x],
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadRequest(

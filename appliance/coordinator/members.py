@@ -47,8 +47,17 @@ async def join(request: web.Request) -> web.Response:
             "node_id": member.node_id,
             "ring_index": member.ring_index,
             "assigned": coordinator.assigned_to(member.node_id),
+            "peers": _peers(coordinator, member),
         }
     )
+
+
+def _peers(coordinator: Coordinator, member: Member) -> list[str]:
+    """The other live members, whose links the node times (appliance.ring.links); the
+    coordinator times its own link to the node the same way."""
+    coordinator.clients.prober.want([member.address])
+    now = time.monotonic()
+    return [m.address for m in coordinator.cluster.live(now) if m.node_id != member.node_id]
 
 
 async def _still_there(coordinator: Coordinator, member: Member) -> bool:
@@ -67,7 +76,11 @@ async def heartbeat(request: web.Request) -> web.Response:
     coordinator = coordinator_of(request)
     member = coordinator.cluster.heartbeat(await _member_body(request), time.monotonic())
     return json_response(
-        {"node_id": member.node_id, "assigned": coordinator.assigned_to(member.node_id)}
+        {
+            "node_id": member.node_id,
+            "assigned": coordinator.assigned_to(member.node_id),
+            "peers": _peers(coordinator, member),
+        }
     )
 
 

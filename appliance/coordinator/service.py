@@ -22,6 +22,7 @@ from appliance.coordinator.cluster import Cluster
 from appliance.coordinator.entries import ModelEntry, open_entry
 from appliance.coordinator.hop_batcher import HopBatcher
 from appliance.coordinator.inference import InferencePath
+from appliance.coordinator.links_view import links_view
 from appliance.coordinator.metrics import CoordinatorMetrics
 from appliance.coordinator.placement import Placement
 from appliance.coordinator.request_policy import model_cache_policies
@@ -31,6 +32,7 @@ from appliance.errors import BadRequest, NoLiveReplica
 from appliance.http.errors import status_of
 from appliance.ring.clients import InternalClients
 from appliance.ring.hop_client import HopClient, HopSettings
+from appliance.ring.links import LinkCollector
 from appliance.ring.protocol import PeerUrl
 from cache.job import Job
 from cache.job_store import JobStore
@@ -68,6 +70,7 @@ class Coordinator:
         self._catalog: dict[str, ModelEntry] = {}  # packages not placed, opened on demand
         self._locks: dict[str, asyncio.Lock] = {}
         self.metrics = m = CoordinatorMetrics()
+        m.registry.register(LinkCollector(lambda: clients.links))
         self.clients = clients
         self.session = clients.session
         self.hops = HopClient(
@@ -312,6 +315,7 @@ class Coordinator:
                 for m in sorted(self.cluster.members.values(), key=lambda m: m.ring_index)
             ],
             "placements": {n: p.as_dict() for n, p in self.placements.items()},
+            "links": links_view(self.cluster.members.values(), self.clients.links),
             "models": {
                 name: {
                     "serving_version": entry.version,

@@ -32,6 +32,7 @@ import aiohttp
 
 from appliance.coordinator.cluster import HeldSpan, Member
 from appliance.coordinator.entries import ModelEntry, open_entry
+from appliance.coordinator.links_view import link_figures
 from appliance.coordinator.placement import NodeCapacity, Placement, SpanAssignment, place
 from appliance.errors import DoesNotFit, NoLiveReplica
 from runtime.errors import ModelLoadError, ModelNotReady
@@ -68,6 +69,17 @@ def capacities(
         throughput = max(0.25, round(throughput * 4) / 4)
         out.append(NodeCapacity(m.node_id, max(0, free), throughput, m.ring_index))
     return out
+
+
+def link_terms(c: Coordinator, entry: ModelEntry) -> dict[str, Any]:
+    """What placement weighs cuts on links with: the links measured so far, and the bytes
+    per row each segment hands the next and the model's input (from its manifest)."""
+    manifest = entry.manifest
+    return {
+        "links": link_figures(c.cluster.members.values(), c.clients.links),
+        "frontier_bytes": [s.output_row_bytes for s in manifest.segments],
+        "input_bytes": sum(t.row_bytes() for t in manifest.inputs) if manifest.inputs else None,
+    }
 
 
 async def load_span(
@@ -288,6 +300,7 @@ async def switch(
                 replicas,
                 stages,
                 version=number,
+                **link_terms(c, new),
             )
         except DoesNotFit as short:
             if old is None or old_placement is None or same:
@@ -326,7 +339,9 @@ async def with_downtime(
         if node in by_id:
             await unload_span(c, by_id[node], name, first, last, digest)
     fresh = [by_id[m.node_id] for m in members if m.node_id in by_id]  # spans just unloaded
-    placement = place(new.sizes, capacities(c, fresh), replicas, stages, version=number)
+    placement = place(
+        new.sizes, capacities(c, fresh), replicas, stages, version=number, **link_terms(c, new)
+    )
     await load_all(c, new, placement)
     c.models[name], c.placements[name] = new, placement
     c.save_pinned()
@@ -365,7 +380,9 @@ async def rolling(
     # heartbeats replace member records: read them again, with the spans just unloaded gone
     chain_nodes = [m for n, m in by_id.items() if n in taken]
     try:
-        chain = place(new.sizes, capacities(c, chain_nodes), 1, stages, version=number)
+        chain = place(
+            new.sizes, capacities(c, chain_nodes), 1, stages, version=number, **link_terms(c, new)
+        )
         await load_all(c, new, chain)
     except BaseException:
         c.placements[name] = old_placement  # as it was: reload the old spans there

@@ -20,6 +20,7 @@ from appliance.http.errors import error_middleware
 from appliance.http.guards import GUARDS, Guards, connection_middleware, member_middleware
 from appliance.http.logs import request_id_middleware
 from appliance.http.server_metrics import metrics_middleware
+from appliance.http.server_time import server_time_middleware
 from appliance.security.auth import auth_middleware, client_limit_middleware, parse_tokens
 from appliance.security.signing import signature_middleware, verifier_for
 from appliance.security.tls import require_peer_certificate
@@ -57,6 +58,7 @@ def new_app(config: ServerConfig, internal_routes: Iterable[web.RouteDef] = ()) 
             require_peer_certificate(member_certificates),
             signature_middleware(verifier),
             member_middleware(guards.tracker),  # a verified call: its connection is a member's
+            server_time_middleware,  # innermost: the callee's own time, its body already in
         ],
         client_max_size=config.max_body_bytes,
     )

@@ -19,8 +19,9 @@ from aiohttp.helpers import ChainMapProxy
 
 from appliance.errors import BadRequest, DigestMismatch
 from appliance.http.body import read_body
+from appliance.http.server_time import COMPUTE_SECONDS
 from appliance.http.v2 import json_response, read_json_object
-from appliance.node.keys import CLIENTS, CONFIG, DECODERS
+from appliance.node.keys import CLIENTS, CONFIG, DECODERS, METRICS
 from appliance.ring import protocol as rp
 from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain
 from runtime.codec import decode_request, encode_request, parse_header_length
@@ -134,7 +135,10 @@ async def step(request: web.Request) -> web.Response:
             f"a step of segments {slot.first}-{slot.last} carries {slot.span.input_name}, got "
             f"{', '.join(decoded.inputs) or 'nothing'}"
         )
+    started = time.perf_counter()
     result = await slot.step(ref.sequence_id, position, inputs, time.monotonic())
+    computed = request[COMPUTE_SECONDS] = time.perf_counter() - started
+    state[METRICS].observe_hop_compute("step", computed)
     if result.hidden is None:
         return json_response({"token": result.token, "logprob": result.logprob})
     if not route:

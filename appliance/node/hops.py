@@ -3,11 +3,14 @@ the next span (nested), and hand the final answer back upstream."""
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from appliance.errors import DigestMismatch
 from appliance.http.body import read_body
-from appliance.node.keys import CONFIG, HOPS, REGISTRY
+from appliance.http.server_time import COMPUTE_SECONDS
+from appliance.node.keys import CONFIG, HOPS, METRICS, REGISTRY
 from appliance.ring import protocol as rp
 from runtime.codec import (
     decode_checked_request,
@@ -58,7 +61,10 @@ async def hop(request: web.Request) -> web.Response:
         loaded.signature,
         config.max_tensor_elements,
     )
+    started = time.perf_counter()
     outputs = await loaded.infer(decoded.inputs, None, deadline)
+    computed = request[COMPUTE_SECONDS] = time.perf_counter() - started
+    state[METRICS].observe_hop_compute("hop", computed)
     if route:
         payload, length = encode_request(outputs)
         answer, answer_length = await state[HOPS].call(

@@ -21,7 +21,7 @@ from aiohttp import web
 from appliance.config import NodeConfig
 from appliance.http.v2 import json_response
 from appliance.node.generation import decoder_spans, decoder_status
-from appliance.node.keys import CLIENTS, CONFIG, DECODERS, IDENTITY, REGISTRY, RESOURCES
+from appliance.node.keys import CLIENTS, CONFIG, DECODERS, IDENTITY, METRICS, REGISTRY, RESOURCES
 from appliance.node.resources import NodeResources
 from appliance.node.spans import coordinator_url
 from appliance.sd_notify import notify
@@ -78,8 +78,20 @@ def member_status(state: Any) -> dict[str, Any]:
             "rss": psutil.Process().memory_info().rss,
             "memory_available": resources.memory_available(),
             "speed": resources.speed_gflops,
+            # its own span runs on hops and steps: beside the links' network seconds
+            "hop_compute": {
+                kind: {"seconds": round(total[0], 6), "count": int(total[1])}
+                for kind, total in state[METRICS].hop_compute_totals.items()
+            },
         },
+        "links": state[CLIENTS].links.report() if CLIENTS in state else [],
     }
+
+
+async def link_probe(request: web.Request) -> web.Response:
+    """A peer timing its link to this node: the body is read (by the timing middleware) and
+    only its size answered."""
+    return json_response({"bytes": len(await request.read())})
 
 
 async def identity(request: web.Request) -> web.Response:
@@ -167,6 +179,7 @@ async def keep_membership(app: web.Application) -> None:
                         failures.succeeded(f"joined the ring at {base} as {node_id}")
                     joined, backoff = True, 0.2
                     assigned = answer.get("assigned", []) if isinstance(answer, dict) else []
+                    _probe_peers(app, answer)
                     readiness.update(True, assigned if isinstance(assigned, list) else [])
                 elif response.status == 404 and joined:
                     joined = False  # the coordinator restarted or dropped us: join again
@@ -181,6 +194,15 @@ async def keep_membership(app: web.Application) -> None:
             joined = False
         await asyncio.sleep(config.heartbeat_interval_s if joined else backoff)
         backoff = min(backoff * 2, 5.0)
+
+
+def _probe_peers(app: web.Application, answer: Any) -> None:
+    """Time the links to the other members the coordinator names (the first time each is
+    seen, then every link_probe_interval_s), in the background."""
+    peers = answer.get("peers") if isinstance(answer, dict) else None
+    if isinstance(peers, list):
+        own = app[IDENTITY].get("address")
+        app[CLIENTS].prober.want(p for p in peers if isinstance(p, str) and p != own)
 
 
 async def leave(app: web.Application) -> None:

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from appliance.http.request_metrics import LATENCY_BUCKETS, RequestMetrics
 from appliance.node.gpu_memory import GpuMemory, gpu_memory
+from appliance.ring.links import LinkCollector, LinkTable
 from runtime.decoder_registry import DecoderRegistry
 from runtime.registry import LoadedModel
 
@@ -149,7 +150,10 @@ class _DecoderCollector(Collector):
 
 class Metrics:
     def __init__(
-        self, models: Callable[[], list[LoadedModel]], decoders: DecoderRegistry | None = None
+        self,
+        models: Callable[[], list[LoadedModel]],
+        decoders: DecoderRegistry | None = None,
+        links: Callable[[], LinkTable | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = RequestMetrics(self.registry, "node")
@@ -174,9 +178,27 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # a hop's or step's own span run on this node: with the links' network seconds,
+        # the split of a ring's time between compute and the network
+        self.hop_compute = Histogram(
+            "appliance_hop_compute_seconds",
+            "time this node's span took on a hop (kind hop) or generation step (kind step)",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.hop_compute_totals: dict[str, list[float]] = {"hop": [0.0, 0], "step": [0.0, 0]}
+        self.registry.register(LinkCollector(links))
         self.registry.register(_ModelCollector(models))
         if decoders is not None:
             self.registry.register(_DecoderCollector(decoders))
+
+    def observe_hop_compute(self, kind: str, seconds: float) -> None:
+        """A hop's (``hop``) or generation step's (``step``) own span run on this node."""
+        self.hop_compute.labels(kind).observe(seconds)
+        total = self.hop_compute_totals[kind]
+        total[0] += seconds
+        total[1] += 1
 
     def observe_batch(self, model: str, queued_s: float, compute_s: float) -> None:
         self.queue_latency.labels(model).observe(queued_s)

@@ -43,7 +43,7 @@ from appliance.node.keys import (
     REGISTRY,
     RESOURCES,
 )
-from appliance.node.membership import identity, node_identity
+from appliance.node.membership import identity, link_probe, node_identity
 from appliance.node.metrics import Metrics
 from appliance.node.resources import NodeResources, node_resources
 from appliance.node.spans import load_span, unload_span
@@ -193,6 +193,7 @@ INTERNAL_ROUTES = [
     web.post("/load", load_span),
     web.post("/unload", unload_span),
     web.get("/identity", identity),
+    web.post("/probe", link_probe),
     *generation.INTERNAL_ROUTES,
 ]
 
@@ -285,7 +286,9 @@ def build_node_app(config: NodeConfig) -> web.Application:
         config.kv_idle_ttl_s,
         config.decoder_limits(),
     )
-    app[METRICS] = Metrics(registry.loaded, app[DECODERS])
+    app[METRICS] = Metrics(
+        registry.loaded, app[DECODERS], lambda: app[CLIENTS].links if CLIENTS in app else None
+    )
     app[RESOURCES] = resources
     app[IDENTITY] = node_identity(config, resources.budget)
     registry.observe = app[METRICS].observe_batch

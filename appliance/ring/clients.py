@@ -3,12 +3,13 @@ file fetches) and one hop client, both with the cluster's TLS, token and signatu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
 from appliance.config import ServerConfig
 from appliance.ring.hop_transport import HopPost, close_hop_post, hop_post
+from appliance.ring.links import LinkTable, Prober, measured, probe
 from appliance.security.auth import internal_headers
 from appliance.security.signing import signer_for
 from appliance.security.tls import client_context
@@ -17,11 +18,24 @@ from appliance.security.tls import client_context
 @dataclass
 class InternalClients:
     session: aiohttp.ClientSession
-    hop: HopPost
+    raw_hop: HopPost  # not timed: probes time themselves
+    probe_bytes: int = 256 * 1024
+    probe_interval_s: float = 300.0
+    links: LinkTable = field(default_factory=LinkTable)
+    hop: HopPost = field(init=False)  # every call to a member, its link share filed in links
+    prober: Prober = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.hop = measured(self.raw_hop, self.links)
+        self.prober = Prober(self.probe, self.probe_interval_s)
+
+    async def probe(self, peer: str) -> None:
+        await probe(self.raw_hop, peer, self.links, self.probe_bytes)
 
     async def close(self) -> None:
+        await self.prober.close()
         await self.session.close()
-        await close_hop_post(self.hop)
+        await close_hop_post(self.raw_hop)
 
 
 def internal_clients(config: ServerConfig, sender: str) -> InternalClients:
@@ -35,4 +49,9 @@ def internal_clients(config: ServerConfig, sender: str) -> InternalClients:
         headers=internal_headers(config.cluster_token),
         middlewares=(signer.client_middleware(),) if signer else (),
     )
-    return InternalClients(session, hop_post(config, session, signer, tls))
+    return InternalClients(
+        session,
+        hop_post(config, session, signer, tls),
+        config.link_probe_bytes,
+        config.link_probe_interval_s,
+    )

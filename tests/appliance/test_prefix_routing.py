@@ -1,5 +1,5 @@
 """Prefix-aware routing as a pure function: heartbeats' block names parsed, a prompt's cached
-prefix measured from its first block on, and replicas ordered by it, then by load."""
+prefix measured from its first block on (the chain it picks: test_chain_choice.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from appliance.coordinator.generation.prefix_routing import (
     HeldBlocks,
     cached_prefix,
     held_blocks,
-    prefer_cached,
 )
 from runtime.prefix_cache import block_hashes
 
@@ -50,16 +49,3 @@ def test_a_cached_prefix_counts_whole_blocks_from_the_first_on() -> None:
     assert cached_prefix(other, HeldBlocks(32, frozenset(NAMES))) == 32
     # block names of another size never match
     assert cached_prefix(PROMPT, HeldBlocks(16, frozenset(NAMES))) == 0
-
-
-def test_replicas_go_longest_cached_prefix_first_then_least_loaded() -> None:
-    holdings = {
-        "a": HeldBlocks(32, frozenset(NAMES[:1])),
-        "b": HeldBlocks(32, frozenset(NAMES)),
-        "c": None,
-        "d": HeldBlocks(32, frozenset(NAMES)),
-    }
-    load = {"b": 5, "d": 1}
-    assert prefer_cached(["a", "b", "c", "d"], PROMPT, holdings, load) == ["d", "b", "a", "c"]
-    # nothing cached anywhere: the order given (the balancer's) when loads are equal
-    assert prefer_cached(["c", "a", "b"], [1, 2, 3], holdings, {}) == ["c", "a", "b"]

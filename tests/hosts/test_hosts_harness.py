@@ -55,7 +55,8 @@ def test_a_tls_ring_on_hosts_serves_and_members_advertise_their_own_address(
     tmp_path: Path,
 ) -> None:
     require_hosts()
-    with hosts_ring(tmp_path, ["n1", "n2"], stages=2, replicas=1) as ring:
+    with hosts_ring(tmp_path, ["n1", "n2"], stages=2, replicas=1,
+                    coordinator=("--link-probe-interval-s", "1")) as ring:  # fmt: skip
         assert ring.url.startswith("https://198.18.")
         nodes = {n["node_id"]: n for n in ring.cluster()["nodes"]}
         for node_id, host in ring.node_hosts.items():
@@ -65,6 +66,17 @@ def test_a_tls_ring_on_hosts_serves_and_members_advertise_their_own_address(
             tally = load.join()
         assert tally.ok == 20, tally.errors
         assert np.asarray(reference(rows[0])).shape[-1] == 64
+        # the coordinator's probes measure the links: one cut down to 8 Mbit/s shows it
+        ring.hosts.limit(ring.node_hosts["n2"], rate="8mbit", burst="16kb")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            links = {r["to"]: r for r in ring.cluster()["links"] if r["from"] == "coordinator"}
+            slow = links.get("n2", {}).get("probe_throughput_mbit_s")
+            if slow is not None and slow < 12:
+                break
+            time.sleep(0.5)
+        assert slow is not None and slow < 12, links
+        assert links["n1"]["probe_throughput_mbit_s"] > 50, links
         assert_root_untouched()
 
 

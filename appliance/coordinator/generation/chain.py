@@ -29,7 +29,8 @@ import numpy as np
 import orjson
 
 from appliance.coordinator.entries import ModelEntry
-from appliance.coordinator.generation.prefix_routing import held_blocks, prefer_cached
+from appliance.coordinator.generation.chain_choice import ORIGIN, choose_chain
+from appliance.coordinator.generation.prefix_routing import cached_prefix, held_blocks
 from appliance.coordinator.placement import Placement
 from appliance.errors import NoLiveReplica, SequenceLost, UpstreamError
 from appliance.ring import protocol as rp
@@ -40,6 +41,7 @@ from runtime.errors import DeadlineExceeded
 from runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from appliance.coordinator.cluster import Member
     from appliance.coordinator.service import Coordinator
 
 log = logging.getLogger(__name__)
@@ -99,31 +101,42 @@ class SequenceChain:
         return self.route[0].replicas[0]
 
     def _pin(self) -> list[rp.RouteStep]:
-        """One replica per span: live, not ejected; the one holding the longest cached prefix
-        of the prompt, else the least loaded first span and the balancer's order after it."""
+        """One replica per span: live, not ejected; the chain holding the longest cached
+        prefix of the prompt, then the least loaded first span, then the lowest summed link
+        latency (``chain_choice``)."""
         route = self.c.cluster.route(
             self.entry.name, self.entry.digest, len(self.entry.sizes), self.placement,
             time.monotonic(), frozenset(self._excluded),
         )  # fmt: skip
         members = {m.address: m for m in self.c.cluster.members.values()}
-        pinned = []
-        for index, step in enumerate(route):
-            live = [u for u in step.replicas if not self.c.hops.is_ejected(u)] or list(
-                step.replicas
-            )
-            if index == 0:
-                live.sort(key=lambda u: self.c.sequences_on.get(u, 0))
-            if self.prompt and len(live) > 1:
-                holdings = {
-                    u: held_blocks(m.load, self.entry.name, self.entry.digest).get(
-                        (step.first, step.last)
-                    )
-                    for u in live
-                    if (m := members.get(u)) is not None
-                }
-                live = prefer_cached(live, self.prompt, holdings, {})  # a stable sort
-            pinned.append(rp.RouteStep(step.first, step.last, (live[0],)))
-        return pinned
+        candidates = [
+            [u for u in step.replicas if not self.c.hops.is_ejected(u)] or list(step.replicas)
+            for step in route
+        ]
+        holdings = [
+            {u: held_blocks(m.load, self.entry.name, self.entry.digest).get((s.first, s.last))
+             for u in options if (m := members.get(u)) is not None}
+            for s, options in zip(route, candidates, strict=True)
+        ]  # fmt: skip
+
+        def cached(index: int, url: rp.PeerUrl) -> int:
+            return cached_prefix(self.prompt, holdings[index].get(url)) if self.prompt else 0
+
+        chosen = choose_chain(candidates, cached, self.c.sequences_on, self._latencies(members))
+        return [rp.RouteStep(s.first, s.last, (u,)) for s, u in zip(route, chosen, strict=True)]
+
+    def _latencies(self, members: dict[rp.PeerUrl, Member]) -> dict[tuple[str, str], float]:
+        """Link latencies by URL: the coordinator's own (from ORIGIN) and the nodes' reports."""
+        out: dict[tuple[str, str], float] = {}
+        for link in self.c.clients.links.links.values():
+            if link.known():
+                out[(ORIGIN, link.peer)] = link.latency()
+        for address, member in members.items():
+            for report in member.links:
+                value = report.get("latency_s")
+                if isinstance(value, int | float):
+                    out[(address, str(report.get("to")))] = float(value)
+        return out
 
     async def open(self) -> int:
         """Pin a chain and open the sequence on it: the tokens of the prompt it holds cached

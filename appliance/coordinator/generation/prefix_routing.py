@@ -3,21 +3,19 @@ of its prompt, so a repeated system prompt costs only its new tokens (as llm-d a
 
 Nodes report, per generation span, the names of their most recent prefix blocks (heartbeat
 ``decoder_spans``: ``prefix_block_tokens`` and ``prefix_blocks``, ``runtime.prefix_cache``).
-The coordinator names the prompt's blocks the same way and, span by span, prefers the replica
-holding most of them from the first on; since the chain starts where all its spans can (the
-smallest cached prefix along it), the best replica per span gives the best chain. Ties, and
-spans where no replica holds anything, go to the least loaded replica as before.
+The coordinator names the prompt's blocks the same way and counts, per replica, how many of
+them it holds from the first on; the chain starts where all its spans can (the smallest cached
+prefix along it), and ``chain_choice`` prefers the chain with the most, then the least loaded
+and lowest-latency one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from runtime.prefix_cache import block_hashes
-
-U = TypeVar("U", bound=str)  # a replica's URL
 
 
 @dataclass(frozen=True)
@@ -53,13 +51,3 @@ def cached_prefix(prompt: Sequence[int], held: HeldBlocks | None) -> int:
             break
         count += 1
     return count * held.block_tokens
-
-
-def prefer_cached(
-    replicas: Sequence[U],
-    prompt: Sequence[int],
-    holdings: Mapping[U, HeldBlocks | None],
-    load: Mapping[U, int],
-) -> list[U]:
-    """``replicas`` best first: the longest cached prefix of ``prompt``, then the least load."""
-    return sorted(replicas, key=lambda u: (-cached_prefix(prompt, holdings.get(u)), load.get(u, 0)))

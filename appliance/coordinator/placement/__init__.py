@@ -12,14 +12,16 @@ short (``explain``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from appliance.coordinator.placement.explain import explain
+from appliance.coordinator.placement.link_cost import LinkCost
 from appliance.coordinator.placement.refine import Refiner
 from appliance.coordinator.placement.search import _Planner
 from appliance.coordinator.placement.types import (
     DEFAULT_FIXED_OVERHEAD,
     DEFAULT_OVERHEAD,
+    LinkFigure,
     NodeCapacity,
     Placement,
     SpanAssignment,
@@ -32,6 +34,7 @@ __all__ = [
     "DEFAULT_FIXED_OVERHEAD",
     "DEFAULT_OVERHEAD",
     "DoesNotFit",
+    "LinkFigure",
     "NodeCapacity",
     "Placement",
     "PlacementError",
@@ -49,12 +52,19 @@ def place(
     overhead: float = DEFAULT_OVERHEAD,
     fixed_overhead: int = DEFAULT_FIXED_OVERHEAD,
     version: int = 1,
+    links: Mapping[tuple[str, str], LinkFigure] | None = None,
+    frontier_bytes: Sequence[int | None] = (),
+    input_bytes: int | None = None,
 ) -> Placement:
     """Place `segment_bytes` (in pipeline order) as spans on `nodes`, `replicas` nodes per span.
 
     With `stages` the placement has exactly that many spans, else the fewest that fit. A node may
     hold several spans while their needs (`span_need`) fit its budget; replicas of one span are on
     distinct nodes. Raises `PlacementError` naming the shortfall when nothing fits.
+
+    `links` ((from, to) node ids, the coordinator as "coordinator") with `frontier_bytes` (per
+    segment, the bytes per row it hands the next) and `input_bytes` break ties between
+    placements of equal memory by what their cuts cost on the links (``link_cost``).
     """
     sizes = _check_segments(segment_bytes)
     ring = _check_nodes(nodes)
@@ -69,7 +79,8 @@ def place(
     found = planner.solve(stages)
     if found is None:
         raise DoesNotFit(explain(planner, stages))
-    spans = Refiner(planner, *found).run()
+    cost = LinkCost(ring, links or {}, frontier_bytes, input_bytes) if links else None
+    spans = Refiner(planner, *found, cost).run()
     return Placement(version=version, spans=tuple(planner.assignments(spans)))
 
 

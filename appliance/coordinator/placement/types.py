@@ -54,3 +54,11 @@ class Placement:
                 for s in self.spans
             ],
         }
+
+
+@dataclass(frozen=True)
+class LinkFigure:
+    """What is known of one link between two members (appliance.ring.links)."""
+
+    latency_s: float
+    throughput_bps: float | None = None  # bytes per second; None: not measured yet

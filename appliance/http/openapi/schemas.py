@@ -167,9 +167,27 @@ def _schemas() -> dict[str, Any]:
             ),
         },
         "Cluster": _obj(
-            ["nodes", "placements", "models"],
+            ["nodes", "placements", "models", "links"],
             nodes={"type": "array", "items": {"type": "object"}},
             placements={"type": "object"},
+            links={
+                "type": "array",
+                "description": "every link with figures: the coordinator's to each node, and "
+                "each node's to the others (probed when first seen, then timed on traffic)",
+                "items": _obj(
+                    ["from", "to", "to_address", "latency_ms", "throughput_mbit_s", "calls"],
+                    **{"from": _STR},
+                    to=_STR,
+                    to_address=_STR,
+                    latency_ms={"type": "number", "nullable": True},
+                    throughput_mbit_s={"type": "number", "nullable": True},
+                    calls={"type": "integer"},
+                    network_s={"type": "number"},
+                    bytes={"type": "integer"},
+                    probe_latency_ms={"type": "number", "nullable": True},
+                    probe_throughput_mbit_s={"type": "number", "nullable": True},
+                ),
+            },
             models={
                 "type": "object",
                 "description": "each model's serving version and any version loading or retiring",
