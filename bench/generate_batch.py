@@ -1,21 +1,36 @@
-"""Generation under concurrency, SmolLM2-135M fp32: continuous batching and prefix reuse.
+"""Generation under concurrency, SmolLM2-135M: continuous batching, its peers, prefix reuse.
 
     python -m bench.generate_batch                 # 1/4/16/32 streams x 128 new tokens, 3 rounds
     python -m bench.generate_batch --quick         # 1/4/16 streams x 32 tokens, 1 round
+    python -m bench.generate_batch --sides L,O,C   # any of L,O,P,C,S1,S3,S1-int4
 
-Side by side, rounds alternating (the order rotates each round), medians over rounds:
+Side by side, rounds alternating (the order rotates each round), medians over rounds; every
+side decodes the same N prompts (ids from the package's tokenizer, or their text for a server)
+greedily for exactly ``--new-tokens`` tokens, EOS ignored:
 
-  (L) the in-process batched limit: the appliance's ``DecoderSpan`` over the whole package,
+  (L) the in-process batched limit, fp32: the appliance's ``DecoderSpan`` over the whole package,
       each prompt prefilled alone, then every stream's decode step as ONE batch per token,
       argmax in numpy: no HTTP, no scheduler, no sampling (what batching could give at best);
-  (S1), (S3) ``appliance serve`` with 1 node (1 span) and 3 nodes (3 spans), N concurrent
+  (O) the independent limit extended to batches, fp32: optimum's one-graph export in plain
+      onnxruntime (no appliance code), KV preallocated and IO-bound, the N prompts left-padded
+      into one prefill, then one [N, 1] decode batch per token (bench/generate_limit.py);
+  (P) PyTorch ``generate`` on the same fp32 weights (the GGUF dequantised by transformers), the
+      N prompts left-padded into one batch, torch threads = the machine's cores;
+  (C) llama.cpp on the very same GGUF (Q4_1 weights, not fp32), in bench/.llama-venv: N
+      sequences of one context through llama-cpp-python's low-level API (``llama_decode`` with
+      one seq_id per stream), each prompt prefilled alone, then one decode batch per token.
+      Its ``Llama`` class runs one sequence at a time; this is llama.cpp's own batching;
+  (S1), (S3) ``appliance serve`` with 1 node (1 span) and 3 nodes (3 spans), fp32, N concurrent
       streamed ``POST /v1/completions`` (greedy, ignore_eos), each chunk's arrival timed,
       with the default settings (a step queued behind others waits: the coordinator gives a
-      chain up only when a node stops answering a probe).
+      chain up only when a node stops answering a probe);
+  (S1-int4) the same as (S1) with the int4 package (MatMulNBits weights, block 32).
 
 Per (side, streams): aggregate tokens/s (all streams' tokens over the wall time from the first
-request to the last token), p50/p99 inter-token latency (gaps between a stream's chunks, over
-all streams), TTFT p50 (request to first token).
+request to the last token), p50/p99 inter-token latency (gaps between a stream's tokens, over
+all streams; for the batched in-process sides, the step time), TTFT p50 (request to first
+token). Ratios: each side's aggregate over (L)'s and over (O)'s; the 16-stream aggregates over
+llama.cpp's best.
 
 Then TTFT of a prompt made of a repeated 400-token system prompt and a short, different user
 turn, prefix reuse on vs off, in this process without HTTP (``runtime.decoder_registry``: the
@@ -38,9 +53,10 @@ from typing import Any
 
 import numpy as np
 
+from bench import generate_batch_sides as peers
 from bench.generate_common import prompt_text, say
 from bench.generate_http import ROUTE, ServeProcess, SseParser
-from bench.generate_inproc import PACKAGE_NAME, ensure_package, package_encodes
+from bench.generate_inproc import PACKAGE_NAME, ensure_package, package_encoder, package_encodes
 from bench.report import save_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,10 +102,9 @@ class Limit:
         package = open_package(repo, PACKAGE_NAME)
         settings = SessionSettings(device="cpu", intra_op_threads=threads)
         self.span = load_decoder_span(package, settings, 0, len(package.segments) - 1)
-        self.repo = repo
+        self.settings = {"onnxruntime_threads": threads, "prefill": "each prompt alone"}
 
-    def run(self, prompts: list[str], new: int) -> dict[str, float]:
-        ids = [package_encodes(self.repo, p) for p in prompts]
+    def run(self, texts: list[str], ids: list[list[int]], new: int) -> dict[str, float]:
         kvs = [self.span.empty_kv() for _ in ids]
         starts = [time.perf_counter()] * len(ids)  # all requests arrive at once
         times: list[list[float]] = [[] for _ in ids]
@@ -129,18 +144,21 @@ async def timed_stream(session: Any, url: str, prompt: str, new: int) -> tuple[f
 
 
 class Serve:
-    """(S1)/(S3): ``appliance serve --nodes K --stages K``, paused between its own rounds."""
+    """(S1)/(S3)/(S1-int4): ``appliance serve --nodes K --stages K``, paused between its own
+    rounds."""
 
-    def __init__(self, repo: Path, nodes: int, work: Path, runner: asyncio.Runner) -> None:
-        name = f"batch-fp32-{nodes}"
+    def __init__(self, repo: Path, nodes: int, work: Path, runner: asyncio.Runner,
+                 precision: str = "fp32") -> None:  # fmt: skip
+        name = f"batch-{precision}-{nodes}"
         self.server = ServeProcess(repo, PACKAGE_NAME, nodes, work / name,
                                    work / "logs" / f"{name}.log")  # fmt: skip
         self.url = self.server.wait_listening(600)
         self.runner = runner
         self.session: Any = None
         self.server.pause()
+        self.settings = {"command": self.server.command, "url": self.url}
 
-    def run(self, prompts: list[str], new: int) -> dict[str, float]:
+    def run(self, texts: list[str], ids: list[list[int]], new: int) -> dict[str, float]:
         import aiohttp
 
         async def go() -> list[tuple[float, list[float]]]:
@@ -148,7 +166,7 @@ class Serve:
                 timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
                 self.session = aiohttp.ClientSession(timeout=timeout)
             return await asyncio.gather(
-                *(timed_stream(self.session, self.url, p, new) for p in prompts)
+                *(timed_stream(self.session, self.url, p, new) for p in texts)
             )
 
         self.server.resume()
@@ -218,40 +236,95 @@ async def prefix_ttft(repo: Path, threads: int, rounds: int, system: list[int]) 
     }
 
 
+SIDES = ("L", "O", "P", "C", "S1", "S3", "S1-int4")
+
+
+def make_sides(
+    wanted: list[str],
+    repo: Path,
+    args: argparse.Namespace,
+    threads: int,
+    capacity: int,
+    runner: asyncio.Runner,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The sides asked for, by JSON name; and those that did not start, with why."""
+    from bench.llama_cpp import LlamaBenchError
+
+    sides: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    streams = max(int(s) for s in args.streams.split(","))
+    makers: list[tuple[str, str, Any]] = [
+        ("L", "limit-inproc-batched", lambda: Limit(repo, threads)),
+        ("O", "limit-optimum-batched",
+         lambda: peers.OptimumLimit(args.work, threads, capacity, streams, figures, say)),
+        ("P", "pytorch-batched", lambda: peers.TorchBatch(args.work, figures, say)),
+        ("C", "llama.cpp-batched", lambda: peers.LlamaBatch(threads, figures)),
+        ("S1", "serve-1span", lambda: Serve(repo, 1, args.work, runner)),
+        ("S3", "serve-3span", lambda: Serve(repo, 3, args.work, runner)),
+        ("S1-int4", "serve-1span-int4",
+         lambda: Serve(ensure_package(args.work, "int4", say), 1, args.work, runner, "int4")),
+    ]  # fmt: skip
+    for key, name, make in makers:
+        if key not in wanted:
+            continue
+        say(f"starting ({key}) {name}")
+        try:
+            sides[name] = make()
+        except (LlamaBenchError, RuntimeError, OSError, ImportError) as exc:
+            skipped[name] = f"did not start: {exc}"
+            say(f"skipping {name}: {skipped[name]}")
+    return sides, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
+    from bench.generate_report import machine_load
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1/4/16 streams, 32 tokens, 1 round")
     parser.add_argument("--streams", default="1,4,16,32")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sides", default="L,S1,S3")
+    parser.add_argument("--sides", default=",".join(SIDES), help="any of " + ",".join(SIDES))
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if args.quick:
         args.streams, args.new_tokens, args.rounds = "1,4,16", 32, 1
+    wanted = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if not wanted or set(wanted) - set(SIDES):
+        parser.error(f"--sides: choose from {','.join(SIDES)}, got {args.sides!r}")
     streams = [int(s) for s in args.streams.split(",")]
     threads = os.cpu_count() or 1
+    started_all = time.perf_counter()
+    load_before = machine_load()
+    busy = [(p["cmd"][:40], p["cpu_pct"]) for p in load_before["busy_processes"]]
+    say(f"machine: {threads} cores, load {load_before['loadavg']}, busy: {busy or 'none'}")
     repo = ensure_package(args.work, "fp32", say)
     text = prompt_text()
+    encode = package_encoder(repo)
+    batches = {n: stream_prompts(n, text) for n in streams}
+    ids = {n: [encode(p) for p in texts] for n, texts in batches.items()}
+    capacity = max(len(i) for rows in ids.values() for i in rows) + args.new_tokens + 1
     runner = asyncio.Runner()
-    sides: dict[str, Any] = {}
-    wanted = args.sides.split(",")
-    if "L" in wanted:
-        sides["limit-inproc-batched"] = Limit(repo, threads)
-    for nodes in (1, 3):
-        if f"S{nodes}" in wanted:
-            say(f"starting appliance serve --nodes {nodes}")
-            sides[f"serve-{nodes}span"] = Serve(repo, nodes, args.work, runner)
+    sides, skipped = make_sides(wanted, repo, args, threads, capacity, runner)
+    settings = {name: dict(getattr(side, "settings", {})) for name, side in sides.items()}
     results: dict[str, dict[int, list[dict[str, float]]]] = {n: {} for n in sides}
     names = list(sides)
     try:
         for r in range(args.rounds):
             for n in streams:
-                prompts = stream_prompts(n, text)
-                order = names[r % len(names) :] + names[: r % len(names)]
+                order = names[r % len(names) :] + names[: r % len(names)] if names else []
                 for name in order:
-                    got = sides[name].run(prompts, args.new_tokens)
+                    if name in skipped:
+                        continue
+                    try:
+                        got = sides[name].run(batches[n], ids[n], args.new_tokens)
+                    except Exception as exc:  # a server gone, a driver crashed: the rest go on
+                        skipped[name] = f"failed in round {r + 1} at {n} streams: {exc!r}"
+                        say(f"  {name}: {skipped[name]}")
+                        continue
                     results[name].setdefault(n, []).append(got)
                     say(f"round {r + 1}/{args.rounds} {n:>2} streams {name}: {got}")
         system = package_encodes(repo, text * (1 + 5 * SYSTEM_TOKENS // len(text)))[:SYSTEM_TOKENS]
@@ -260,42 +333,26 @@ def main(argv: list[str] | None = None) -> int:
         say(f"prefix reuse: {prefix}")
     finally:
         for side in sides.values():
-            if isinstance(side, Serve):
+            if hasattr(side, "close"):
                 side.close()
         runner.close()
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for name, by_n in results.items():
-        table[name] = {
-            str(n): {k: round(statistics.median(r[k] for r in rs), 1) for k in rs[0]}
-            for n, rs in by_n.items()
-        }
-    limit = table.get("limit-inproc-batched", {})
-    ratios = {
-        name: {n: round(row["aggregate_tok_s"] / limit[n]["aggregate_tok_s"], 2)
-               for n, row in rows.items() if n in limit}
-        for name, rows in table.items() if name != "limit-inproc-batched"
+    for name, side in sides.items():  # what a side learnt while running (llama's contexts)
+        settings[name] = dict(getattr(side, "settings", settings[name]))
+    report = peers.summarise(results, args.new_tokens, args.rounds, threads, prefix)
+    report["sides"] = {
+        name: {"key": key, "label": label, "precision": precision,
+               "settings": settings.get(name), "skipped": skipped.get(name)}
+        for name, (key, label, precision) in peers.LABELS.items()
+        if name in sides or name in skipped
     }  # fmt: skip
-    report = {
-        "bench": "generate-batch",
-        "model": "SmolLM2-135M fp32",
-        "new_tokens": args.new_tokens,
-        "rounds": args.rounds,
-        "threads": threads,
-        "medians": table,
-        "ratio_to_limit": ratios,
-        "scaling_vs_1_stream": {
-            name: {
-                n: round(row["aggregate_tok_s"] / rows["1"]["aggregate_tok_s"], 2)
-                for n, row in rows.items()
-            }
-            for name, rows in table.items()
-            if "1" in rows
-        },  # fmt: skip
-        "prefix_reuse": prefix,
-        "per_round": results,
-    }
+    report["loadavg_before"] = load_before["loadavg"]
+    after = machine_load()
+    report["loadavg_after"] = after["loadavg"]
+    report["machine"] = {"cpus": threads, "before": load_before, "after": after}
+    report["seconds"] = round(time.perf_counter() - started_all, 1)
     print(json.dumps({k: report[k] for k in ("medians", "ratio_to_limit", "prefix_reuse")},
                      indent=1))  # fmt: skip
+    print(peers.table(report))
     save_report(report, args.out, "generate-batch")
     return 0
 

@@ -6,11 +6,15 @@ a ring runs them (``exporter.decoder_verify.DecoderChain``), each span one merge
 token chosen by ``runtime.sampling.sample`` (greedy), as a node holding the LM head does.
 (d) ``transformers``' ``generate`` on the same fp32 weights, greedy, its length forced with
 ``min_new_tokens = max_new_tokens``; a streamer records when each token comes out.
+``TorchRunner.generate_batch`` (bench/generate_batch.py's side P): N prompts left-padded into
+one batch (pad = EOS, mask 0 on the pads) through the same ``generate``; every stream gets each
+token at the same step.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,11 @@ def ensure_package(work: Path, precision: str, say: Any = print) -> Path:
 
 def package_encodes(repo: Path, text: str) -> list[int]:
     """``text``'s ids as the appliance's coordinator tokenises it (runtime/text.py)."""
+    return package_encoder(repo)(text)
+
+
+def package_encoder(repo: Path) -> Callable[[str], list[int]]:
+    """The package's ``encode`` (text -> ids), its tokenizer loaded once."""
     from runtime.package import open_package
     from runtime.text import PackageText
 
@@ -62,7 +71,8 @@ def package_encodes(repo: Path, text: str) -> list[int]:
     text_side = PackageText.open(
         package.folder, info.tokenizer, info.chat_template, info.bos_token_id, info.eos_token_ids
     )
-    return text_side.encode(text)
+    encode: Callable[[str], list[int]] = text_side.encode
+    return encode
 
 
 def quantization_figures(repo: Path) -> dict[str, Any] | None:
@@ -128,36 +138,8 @@ class TorchRunner:
         self.threads = torch.get_num_threads()
 
     def generate(self, prompt: list[int], new_tokens: int) -> Round:
-        from transformers import GenerationConfig
-        from transformers.generation.streamers import BaseStreamer
-
-        class Times(BaseStreamer):
-            """put() gets the prompt once, then each new token as it is chosen."""
-
-            def __init__(self) -> None:
-                self.prompt_seen = False
-                self.times: list[float] = []
-                self.tokens: list[int] = []
-
-            def put(self, value: Any) -> None:
-                if not self.prompt_seen:
-                    self.prompt_seen = True
-                    return
-                self.times.append(time.perf_counter())
-                self.tokens += [int(t) for t in value.reshape(-1).tolist()]
-
-            def end(self) -> None:
-                pass
-
-        eos = self.model.config.eos_token_id
-        config = GenerationConfig(
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=eos if isinstance(eos, int) else (eos or [0])[0],
-        )
-        streamer = Times()
+        config = self._config(new_tokens)
+        streamer = _times()
         ids = self.torch.tensor([prompt], dtype=self.torch.long)
         started = time.perf_counter()
         with self.torch.inference_mode():
@@ -170,3 +152,63 @@ class TorchRunner:
         return Round(
             streamer.times[0] - started, streamer.times[-1] - streamer.times[0], streamer.tokens
         )
+
+    def generate_batch(
+        self, prompts: list[list[int]], new_tokens: int
+    ) -> tuple[float, list[list[float]], list[list[int]]]:
+        """The prompts left-padded as one batch: the start, each stream's token times and its
+        tokens (the streamer sees one [N] tensor per step)."""
+        config = self._config(new_tokens)
+        longest = max(len(p) for p in prompts)
+        pad = int(config.pad_token_id)
+        ids = self.torch.tensor(
+            [[pad] * (longest - len(p)) + list(p) for p in prompts], dtype=self.torch.long
+        )
+        mask = self.torch.tensor(
+            [[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=self.torch.long
+        )
+        streamer = _times()
+        started = time.perf_counter()
+        with self.torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer
+            )
+        tokens = [[int(t) for t in row] for row in out[:, longest:].tolist()]
+        return started, [list(streamer.times) for _ in prompts], tokens
+
+    def _config(self, new_tokens: int) -> Any:
+        from transformers import GenerationConfig
+
+        eos = self.model.config.eos_token_id
+        return GenerationConfig(
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos if isinstance(eos, int) else (eos or [0])[0],
+        )
+
+
+def _times() -> Any:
+    """A streamer for ``generate`` that records when each step's tokens (one per row) come."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Times(BaseStreamer):
+        """put() gets the prompt once, then each step's new tokens as they are chosen."""
+
+        def __init__(self) -> None:
+            self.prompt_seen = False
+            self.times: list[float] = []
+            self.tokens: list[int] = []
+
+        def put(self, value: Any) -> None:
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            self.times.append(time.perf_counter())
+            self.tokens += [int(t) for t in value.reshape(-1).tolist()]
+
+        def end(self) -> None:
+            pass
+
+    return Times()

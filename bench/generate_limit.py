@@ -13,6 +13,11 @@ buffer (viewed as [1, heads, L, dim]) and writes ``present`` into the other ([1,
 dim]); the next step swaps them. No allocation and no copy out of onnxruntime per step; the
 concatenation's own copy (the whole cache, each step) is the graph's and stays. Logits go into a
 preallocated [1, 1, vocab] buffer; mask and positions are views of preallocated arrays.
+
+Batched (``BatchLimitRunner``, bench/generate_batch.py's side O): the same graph and buffers with
+a batch dimension. The N prompts are left-padded into one [N, longest] prefill (mask 0 on the
+pads, each row's positions counting from its first real token), then every step decodes the N
+streams' last tokens as one [N, 1] batch over the padded cache; argmax per row in numpy.
 """
 
 from __future__ import annotations
@@ -192,6 +197,91 @@ class LimitRunner:
             tokens.append(token)
             length, side = length + 1, 1 - side
         return Round(first - started, time.perf_counter() - first, tokens)
+
+
+def left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``prompts`` right-aligned in one [N, longest] batch: ids (``pad`` before each shorter
+    prompt), attention mask (0 on pads) and positions (0 on pads, then 0, 1, ... per row)."""
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("left_pad needs at least one prompt and no empty prompt")
+    longest = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), longest), pad, np.int64)
+    mask = np.zeros((len(prompts), longest), np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :] = prompt
+        mask[row, longest - len(prompt) :] = 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return ids, mask, positions
+
+
+class BatchLimitRunner(LimitRunner):
+    """``LimitRunner`` for up to ``streams`` sequences decoded as one batch."""
+
+    def __init__(self, graph: Path, threads: int, capacity: int, streams: int) -> None:
+        super().__init__(graph, threads, 1)  # the session and its shapes; buffers made here
+        self.streams, self.capacity = streams, capacity
+        size = streams * self.heads * capacity * self.dim
+        self.buffers = [[np.zeros(size, np.float32) for _ in self.past] for _ in range(2)]
+        self.batch_logits = np.zeros((streams, 1, self.vocab), np.float32)
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, length: int,
+             side: int) -> np.ndarray:  # fmt: skip
+        """One step of the whole batch after ``length`` cached positions; argmax per row."""
+        rows, count = ids.shape
+        total = length + count
+        self.binding.clear_binding_inputs()
+        self.binding.clear_binding_outputs()
+        self._bind("input_ids", ids)
+        self._bind("attention_mask", mask)
+        self._bind("position_ids", positions)
+        logits = self.batch_logits[:rows]
+        self._bind("logits", logits, output=True)
+        read, write = self.buffers[side], self.buffers[1 - side]
+        for k, name in enumerate(self.past):
+            past = read[k][: rows * self.heads * length * self.dim]
+            present = write[k][: rows * self.heads * total * self.dim]
+            self._bind(name, past.reshape(rows, self.heads, length, self.dim))
+            self._bind(
+                name.replace("past_key_values", "present"),
+                present.reshape(rows, self.heads, total, self.dim),
+                output=True,
+            )
+        self.session.run_with_iobinding(self.binding)
+        return np.argmax(logits[:, 0], axis=1)
+
+    def generate_batch(
+        self, prompts: list[list[int]], new_tokens: int, pad: int = 0
+    ) -> tuple[float, list[list[float]], list[list[int]]]:
+        """The round's start, each stream's token times and its tokens."""
+        rows = len(prompts)
+        if rows > self.streams:
+            raise ValueError(f"{rows} prompts for a runner of {self.streams} streams")
+        ids, mask, positions = left_pad(prompts, pad)
+        longest = ids.shape[1]
+        if longest + new_tokens > self.capacity:
+            raise ValueError(
+                f"{longest + new_tokens} tokens exceed the preallocated {self.capacity}"
+            )
+        full_mask = np.ones((rows, longest + new_tokens), np.int64)
+        full_mask[:, :longest] = mask
+        next_position = positions[:, -1:] + 1
+        started = time.perf_counter()
+        picked = self._run(ids, mask, positions, 0, 0)
+        now = time.perf_counter()
+        tokens = [[int(t)] for t in picked]
+        times = [[now] for _ in prompts]
+        length, side = longest, 1
+        for step in range(new_tokens - 1):
+            step_ids = np.array([[t[-1]] for t in tokens], np.int64)
+            step_mask = np.ascontiguousarray(full_mask[:, : length + 1])  # bound by address
+            picked = self._run(step_ids, step_mask, next_position + step,
+                               length, side)  # fmt: skip
+            now = time.perf_counter()
+            for row, token in enumerate(picked):
+                tokens[row].append(int(token))
+                times[row].append(now)
+            length, side = length + 1, 1 - side
+        return started, times, tokens
 
 
 def check_variant(graph: Path, threads: int) -> float:

@@ -11,7 +11,10 @@ per request on its stdin, so llama.cpp's rounds alternate with the other sides' 
 The driver takes token ids, not text (every side decodes the very same prompt ids), evaluates
 the prompt from an empty cache each round and samples greedily past end-of-sequence (its
 low-level ``Llama.generate``, which never stops by itself). llama-cpp-python's ``Llama`` runs one
-sequence at a time: this side is a single-stream figure and has no batched counterpart.
+sequence at a time: that is bench/generate.py's single-stream figure. bench/generate_batch.py's
+batched side asks the same driver for ``run_batch``: N sequences of one llama.cpp context
+decoded as one batch per step through the library's low-level API (``llama_decode`` with one
+``seq_id`` per sequence), which ``Llama`` itself does not offer.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ PACKAGE = "llama-cpp-python"
 MARK = "LLAMABENCH "
 LABEL = "llama.cpp (Q4_1 weights)"
 ONE_SEQUENCE = "llama-cpp-python's Llama runs one sequence at a time (no batching across requests)"
+BATCHED = (
+    "llama-cpp-python's Llama runs one sequence at a time; this side uses its low-level API "
+    "(llama_batch_init, llama_decode with one seq_id per stream, n_seq_max = streams) to decode "
+    "all streams as one batch per step, greedy argmax per stream in the driver"
+)
 _IMPORT_CHECK = "import llama_cpp"
 _VERSION = "import llama_cpp; print(llama_cpp.__version__)"
 _MAKE_STEP = re.compile(r"\[\s*(\d+)%\]")  # make: [ 45%]
@@ -178,6 +186,20 @@ class LlamaDriver:
         """{"ttft_s", "decode_s", "tokens": [...], "cpu_s"} of one round from an empty cache."""
         assert self.process.stdin is not None
         request = {"prompt_ids": [int(i) for i in prompt_ids], "new_tokens": int(new_tokens)}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def run_batch(self, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+        """{"times": [[s, ...]], "tokens": [[...]], "cpu_s", "context"}: the prompts as one
+        context's sequences, each prefilled alone, then decoded as one batch per step; times
+        in seconds from the round's start."""
+        assert self.process.stdin is not None
+        request = {
+            "batch": [[int(i) for i in p] for p in prompts],
+            "new_tokens": int(new_tokens),
+            "per_sequence": max(len(p) for p in prompts) + int(new_tokens) + 8,
+        }
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         return self._read()
