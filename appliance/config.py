@@ -272,7 +272,15 @@ class NodeConfig(ServerConfig):
     device: Literal["auto", "cuda", "cpu"] = field(
         default="auto", metadata={"help": "auto = CUDA if a session really gets it, else CPU"}
     )
-    intra_op_threads: int = field(default=0, metadata={"help": "0 = onnxruntime's default"})
+    intra_op_threads: int = field(
+        default=-1,
+        metadata={
+            "help": "onnxruntime threads per run: -1 = auto (on CPU: the cores this process "
+            "may run on (its affinity) - 1, shared among runs_in_flight, at least 1: one core "
+            "is left to HTTP work; on CUDA: onnxruntime's default), 0 = onnxruntime's default "
+            "(one per physical core), N = N"
+        },
+    )
     inter_op_threads: int = field(default=1, metadata={"help": "threads across graph nodes"})
     graph_optimization: Literal["disable", "basic", "extended", "all"] = field(
         default="all", metadata={"help": "onnxruntime graph optimisation level"}
@@ -286,6 +294,13 @@ class NodeConfig(ServerConfig):
     )
     max_queue_size: int = field(
         default=512, metadata={"help": "queued requests per model before 503"}
+    )
+    runs_in_flight: int = field(
+        default=1,
+        metadata={
+            "help": "batches of one model that may run at once: the next batch forms and "
+            "starts while earlier ones run (each on intra_op_threads threads)"
+        },
     )
     warmup: bool = field(default=True, metadata={"help": "run each model before it is ready"})
     warmup_dynamic_dim: int = field(
@@ -383,23 +398,35 @@ class NodeConfig(ServerConfig):
             inter_op_threads=self.inter_op_threads,
             graph_optimization=self.graph_optimization,
             allow_spinning=self.allow_spinning,
+            concurrent_runs=self.runs_in_flight,
         )
 
     def batch_settings(self) -> BatchSettings:
-        return BatchSettings(self.max_batch_size, self.max_queue_delay_us, self.max_queue_size)
+        return BatchSettings(
+            self.max_batch_size, self.max_queue_delay_us, self.max_queue_size, self.runs_in_flight
+        )
 
     def warmup_settings(self) -> WarmupSettings:
         return WarmupSettings(self.warmup, self.warmup_dynamic_dim)
 
     def check(self) -> None:
         self.check_server()
-        positive = ("max_batch_size", "max_queue_size", "warmup_dynamic_dim", "memory_share")
+        positive = (
+            "max_batch_size",
+            "max_queue_size",
+            "warmup_dynamic_dim",
+            "memory_share",
+            "runs_in_flight",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):
+        for name in ("inter_op_threads", "max_queue_delay_us"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.intra_op_threads < -1:
+            raise ConfigError(f"intra_op_threads must be -1 (auto), 0 (onnxruntime's default) "
+                              f"or a thread count, got {self.intra_op_threads}")  # fmt: skip
         if self.kv_budget_bytes < 0:
             raise ConfigError(f"kv_budget_bytes must be 0 (automatic) or more, got "
                               f"{self.kv_budget_bytes}")  # fmt: skip

@@ -1,9 +1,11 @@
-"""The dynamic batcher: one queue and one session run in flight per model.
+"""The dynamic batcher: one queue per model and up to ``runs_in_flight`` session runs at once.
 
 Requests whose non-batch dims and dtypes match are concatenated along axis 0, run once, and the
-outputs are split back by row offsets. Runs happen on a dedicated thread (onnxruntime releases
-the GIL), so the event loop keeps decoding and encoding while a batch computes; only one run is
-in flight at a time because concurrent runs on the same cores only oversubscribe them.
+outputs are split back by row offsets. Runs happen on run threads (onnxruntime releases the GIL
+and one session may run concurrently), so the event loop keeps decoding and encoding while a
+batch computes. With ``runs_in_flight`` above 1 the next batch forms and starts while earlier
+ones still run: batches start in queue order and may finish in any order (each request gets
+its own rows back).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class BatchSettings:
     max_batch_size: int = 32  # rows per run; 1 turns batching off
     max_queue_delay_us: int = 2000  # how long the oldest request may wait for company
     max_queue_size: int = 512  # requests waiting; beyond it callers get Overloaded
+    runs_in_flight: int = 1  # batches of one model running at once (each on its own thread)
 
 
 class _Pending:
@@ -121,11 +124,17 @@ class DynamicBatcher:
         self.stats = stats or ModelStats()
         self._observe = observe  # (seconds queued, seconds computing) of each answered request
         self._queue: deque[_Pending] = deque()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"run-{name}")
-        self._wakeup: asyncio.Event | None = None
+        self.runs_in_flight = max(1, settings.runs_in_flight)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.runs_in_flight, thread_name_prefix=f"run-{name}"
+        )
+        self._wakeup: asyncio.Event | None = None  # a request came, or a run finished
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
-        self._busy = False  # a run is in flight
+        self._runs: set[asyncio.Task[None]] = set()  # the runs' tasks, for close() to await
+        self._running = 0  # runs in flight: a slot frees the moment a run's thread returns
+        self._running_requests = 0  # requests in those runs
+        self.peak_runs = 0  # the most runs seen in flight at once
         # Requests submitted and not yet answered, and the most seen at once: a client that
         # sends one request at a time should not wait for company that cannot come.
         self._outstanding = 0
@@ -137,8 +146,13 @@ class DynamicBatcher:
 
     @property
     def outstanding(self) -> int:
-        """Requests submitted and not yet answered (queued or in the running batch)."""
+        """Requests submitted and not yet answered (queued or in a running batch)."""
         return self._outstanding
+
+    @property
+    def running(self) -> int:
+        """Runs in flight now (at most runs_in_flight)."""
+        return self._running
 
     def start(self) -> None:
         if self._worker is None:
@@ -146,12 +160,18 @@ class DynamicBatcher:
             self._worker = asyncio.get_running_loop().create_task(self._work(), name=self.name)
 
     async def close(self) -> None:
-        """Stop taking requests, fail the queued ones, and release the run thread."""
+        """Stop taking requests, fail the queued ones, and release the run threads.
+
+        Runs in flight cannot be interrupted (onnxruntime owns their threads): they finish and
+        answer their requests before the threads are released.
+        """
         self._closed = True
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        if self._runs:
+            await asyncio.gather(*self._runs, return_exceptions=True)
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():
@@ -162,7 +182,7 @@ class DynamicBatcher:
         """Stop taking requests, let the queued ones finish (bounded), then close."""
         self._closed = True
         end = time.monotonic() + timeout_s
-        while (self._queue or self._busy) and time.monotonic() < end:
+        while (self._queue or self._running) and time.monotonic() < end:
             await asyncio.sleep(0.01)
         await self.close()
 
@@ -201,13 +221,13 @@ class DynamicBatcher:
             self._outstanding -= 1
 
     async def _work(self) -> None:
+        """Form batches in queue order and start each once a run slot is free."""
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         while True:
             self._drop_finished()
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            if not self._queue or self._running >= self.runs_in_flight:
+                await self._sleep_until_due()
                 continue
             if self.batching:
                 await self._wait_for_company()
@@ -215,32 +235,61 @@ class DynamicBatcher:
                 if not self._queue:
                     continue
             batch = self._take_batch()
-            started = time.perf_counter_ns()
+            self._running += 1
+            self._running_requests += len(batch)
+            self.peak_runs = max(self.peak_runs, self._running)
+            run = loop.create_task(self._run_batch(batch), name=f"{self.name}-run")
+            self._runs.add(run)
+            run.add_done_callback(self._runs.discard)
+
+    async def _sleep_until_due(self) -> None:
+        """Until a request comes or a run finishes, waking in time to fail an expiring one."""
+        assert self._wakeup is not None
+        self._wakeup.clear()
+        deadlines = [i.deadline for i in self._queue if i.deadline is not None]
+        if not deadlines:  # the common case: no timer to arm
+            await self._wakeup.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), max(0.0, min(deadlines).remaining()))
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter_ns()
+        for item in batch:
+            self.stats.queue.add(started - item.enqueued_ns)
+        try:
+            results = await loop.run_in_executor(self._executor, self._execute, batch)
+        except asyncio.CancelledError:  # the loop is going away: nobody must wait forever
             for item in batch:
-                self.stats.queue.add(started - item.enqueued_ns)
-            self._busy = True
-            try:
-                results = await loop.run_in_executor(self._executor, self._execute, batch)
-            except Exception as exc:  # the run failed for everyone in it
-                results = [exc] * len(batch)
-            finally:
-                self._busy = False
-            compute_ns = time.perf_counter_ns() - started
-            self.stats.record_batch(sum(item.rows for item in batch), compute_ns)
-            done = time.perf_counter_ns()
-            for item, result in zip(batch, results, strict=True):
-                self._settle(item, result, compute_ns, done)
+                if not item.future.done():
+                    item.future.set_exception(Overloaded(f"model {self.name} is being unloaded"))
+            raise
+        except Exception as exc:  # the run failed for everyone in it
+            results = [exc] * len(batch)
+        finally:
+            self._running -= 1
+            self._running_requests -= len(batch)
+            self._wakeup.set()  # a slot is free
+        compute_ns = time.perf_counter_ns() - started
+        self.stats.record_batch(sum(item.rows for item in batch), compute_ns)
+        done = time.perf_counter_ns()
+        for item, result in zip(batch, results, strict=True):
+            self._settle(item, result, compute_ns, done)
 
     async def _wait_for_company(self) -> None:
         """Let the oldest request wait up to max_queue_delay for the company it can expect.
 
-        The rows expected are the most requests seen outstanding at once since the last batch
-        (capped at max_batch_size): one sequential client never waits, eight concurrent ones
-        run together as soon as all eight have arrived instead of waiting out the delay.
+        The rows expected are the most requests seen outstanding at once since the last batch,
+        less those already in a running batch (capped at max_batch_size): one sequential client
+        never waits, eight concurrent ones run together as soon as all eight have arrived
+        instead of waiting out the delay.
         """
         assert self._wakeup is not None
         delay_ns = self.settings.max_queue_delay_us * 1000
-        expected = min(self.settings.max_batch_size, max(1, self._peak))
+        company = self._peak - self._running_requests
+        expected = min(self.settings.max_batch_size, max(1, company))
         self._peak = self._outstanding
         while True:
             head = self._queue[0]

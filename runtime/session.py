@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,11 @@ GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+
+# intra_op_threads: AUTO = cores - 1 shared among the runs in flight (at least 1) on a CPU
+# session, onnxruntime's default on a CUDA one; ORT_DEFAULT = onnxruntime's (one per core).
+AUTO_THREADS = -1
+ORT_DEFAULT_THREADS = 0
 
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -48,13 +54,17 @@ _ORT_DISTRIBUTIONS = (
 @dataclass(frozen=True)
 class SessionSettings:
     device: Device = "auto"
-    intra_op_threads: int = 0  # 0 = onnxruntime's default (one per physical core)
+    # -1 (AUTO_THREADS) = cores - 1, at least 1, on CPU; 0 = onnxruntime's default; N = N
+    intra_op_threads: int = AUTO_THREADS
     inter_op_threads: int = 1
     graph_optimization: GraphOptimization = "all"
     # Spinning pools burn the cores between runs and starve the event loop and sibling
     # sessions (measured 2-6.6x slower chained runs on 2 cores): off unless asked.
     allow_spinning: bool = False
     cuda_device_id: int = 0
+    # Runs of this session that may be in flight at once (the batcher's runs_in_flight): AUTO
+    # threads share the cores among them.
+    concurrent_runs: int = 1
 
 
 def conflicting_onnxruntime_installs() -> list[str]:
@@ -68,9 +78,29 @@ def conflicting_onnxruntime_installs() -> list[str]:
     return found if len(found) > 1 else []
 
 
-def session_options(settings: SessionSettings) -> ort.SessionOptions:
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask: a cgroup's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def intra_op_threads_for(settings: SessionSettings, cuda: bool) -> int:
+    """What onnxruntime is given. AUTO on CPU leaves one core to the process's HTTP work (a
+    pool as wide as the cores stalls at every barrier when the event loop preempts one of its
+    threads) and shares the rest among the runs in flight; on CUDA the pool only runs what
+    falls back to CPU, so AUTO stays onnxruntime's default there."""
+    if settings.intra_op_threads != AUTO_THREADS:
+        return settings.intra_op_threads
+    if cuda:
+        return ORT_DEFAULT_THREADS
+    return max(1, (usable_cores() - 1) // max(1, settings.concurrent_runs))
+
+
+def session_options(settings: SessionSettings, cuda: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
+    options.intra_op_num_threads = intra_op_threads_for(settings, cuda)
     options.inter_op_num_threads = settings.inter_op_threads
     options.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
     spin = "1" if settings.allow_spinning else "0"
@@ -128,7 +158,7 @@ def create_session(
     providers = _providers_to_ask(settings)
     requested = [p[0] if isinstance(p, tuple) else p for p in providers]
     source = str(model) if isinstance(model, Path) else f"<{len(model)} bytes>"
-    options = session_options(settings)
+    options = session_options(settings, cuda=CUDA in requested)
     if save_optimized_to is not None:
         options.optimized_model_filepath = str(save_optimized_to)
         if external_data_name:

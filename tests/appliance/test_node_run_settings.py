@@ -1,0 +1,31 @@
+"""The node settings of the hot path: intra_op_threads (-1 = auto by default) and runs_in_flight,
+as checked and as handed to the runtime."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.config import NodeConfig
+from appliance.errors import ConfigError
+from runtime.session import AUTO_THREADS
+
+
+def test_node_settings_default_to_auto_threads_and_carry_runs_in_flight() -> None:
+    config = NodeConfig(runs_in_flight=2)
+    config.check()
+    assert config.session_settings().intra_op_threads == AUTO_THREADS
+    assert config.batch_settings().runs_in_flight == 2
+    assert config.session_settings().concurrent_runs == 2  # auto threads are shared by both
+    assert NodeConfig().batch_settings().runs_in_flight == NodeConfig.runs_in_flight
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"intra_op_threads": -2}, "intra_op_threads must be -1 \\(auto\\)"),
+        ({"runs_in_flight": 0}, "runs_in_flight must be at least 1"),
+    ],
+)
+def test_node_settings_out_of_range_are_refused(changes: dict[str, int], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        NodeConfig(**changes).check()  # type: ignore[arg-type]
