@@ -18,6 +18,14 @@ flight on one session, each also with the load generator's CPU taken by another 
 calibration point): the onnxruntime ceiling a server on the same cores can reach; served,
 a node with intra-op 1, and ``appliance serve --nodes 2`` (two nodes of 1 thread each: 2 runs
 in flight, 2 sessions).
+
+The node levers, each a node process of its own measured in the same rounds: today's design
+(``intra_op_threads = 0``, onnxruntime's default, one run in flight), lever 1 (the default
+``intra_op_threads = -1``: cores - 1, at least 1) and lever 1 with ``runs_in_flight = N`` for
+each N of ``--runs-in-flight`` (the next batch forms and starts while one runs). Every node
+point also reports the rows per run the node's batcher formed (its statistics, read before and
+after). ``--focus nodes`` measures only those and the in-process runs, so that a round is short
+and its systems see the same load on a shared machine.
 The servers stay up for the whole run; their idle CPU while others are measured is reported.
 """
 
@@ -43,9 +51,13 @@ from bench.report import save_report
 from bench.serving import sample_inputs
 from runtime.codec import encode_request
 from runtime.package import SpanRunner
+from runtime.session import usable_cores
 
 MODEL = "mlp"
 BATCH = 32
+BASELINE = "in-process onnxruntime, batches of 32"
+NODE_TODAY = "a standalone node"
+SERVE_TODAY = "`appliance serve` (coordinator + 1 node)"
 Measure = Callable[[], dict[int, dict[str, Any]]]
 
 
@@ -80,6 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=WIDTH, help="MLP width (tests: smaller)")
     parser.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--no-levers", action="store_true", help="today's systems only")
+    parser.add_argument(
+        "--focus",
+        choices=["all", "nodes"],
+        default="all",
+        help="nodes: only the in-process runs and the node levers (short rounds)",
+    )
+    parser.add_argument(
+        "--runs-in-flight",
+        type=int,
+        nargs="*",
+        default=[2],
+        help="node lever: runs_in_flight values measured with intra-op auto (none: skip)",
+    )
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/...)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -113,18 +138,24 @@ def run(work: Path, args: argparse.Namespace, use_ray: bool) -> dict[str, Any]:
 
     servers: dict[str, Any] = {}
     calibration: dict[str, Any] | None = None
+    load_start = os.getloadavg()
     try:
         print("starting the node(s) and appliance serve ...", flush=True)
-        servers["node"] = systems.start_node(repo, MODEL, 0, BATCH)
-        servers["serve"] = systems.ServeProcess(repo, MODEL, 1, work / "serve-1")
+        servers["node"] = systems.start_node(repo, MODEL, 0, BATCH)  # today: onnxruntime's
+        full = args.focus == "all"
+        if full:
+            servers["serve"] = systems.ServeProcess(repo, MODEL, 1, work / "serve-1")
         if not args.no_levers:
-            servers["node intra1"] = systems.start_node(repo, MODEL, max(1, cores - 1), BATCH)
+            servers["node auto"] = systems.start_node(repo, MODEL, -1, BATCH)
+            for n in args.runs_in_flight:
+                servers[f"node auto x{n}"] = systems.start_node(repo, MODEL, -1, BATCH, n)
+        if not args.no_levers and full:
             servers["serve 2 nodes"] = systems.ServeProcess(repo, MODEL, 2, work / "serve-2")
         urls = {name: f"{s.url}/v2/models/{MODEL}/infer" for name, s in servers.items()}
         for url in urls.values():
             asyncio.run(systems.wait_answers(url, body, headers, 300))
         print(f"servers up after {time.perf_counter() - started:.0f}s", flush=True)
-        if not args.steal_cores and not args.no_levers:  # steal what the generator takes
+        if not args.steal_cores and not args.no_levers and full:  # the generator's CPU
             pid = servers["node"].process.pid
             calibration = asyncio.run(
                 systems.served(urls["node"], body, headers, 32, min(3.0, args.seconds), pid)
@@ -132,10 +163,12 @@ def run(work: Path, args: argparse.Namespace, use_ray: bool) -> dict[str, Any]:
             args.steal_cores = round(max(0.05, calibration["generator_cores"]), 2)
             print(f"contention: {args.steal_cores} cores stolen (the generator's)", flush=True)
         measures = _measures(args, use_ray, servers, urls, setup)
-        rounds = _rounds(measures, args.rounds, servers)
+        probe = None if args.no_levers else _probe(args, urls, setup)
+        rounds, probes = _rounds(measures, args.rounds, servers, probe)
     finally:
         for server in servers.values():
             server.stop()
+    pairs = lever_pairs(args)
     return {
         "bench": "hotpath",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -143,15 +176,57 @@ def run(work: Path, args: argparse.Namespace, use_ray: bool) -> dict[str, Any]:
         "model": {"name": MODEL, "width": args.width, "bytes": onnx_path.stat().st_size},
         "cpus": os.cpu_count(),
         "threads_today": cores,
+        "focus": args.focus,
         "steal_cores": args.steal_cores,
         "steal_calibration": calibration,
         "rounds": args.rounds,
         "seconds": {"c32": args.seconds, "c1": args.seconds_c1},
+        "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
         "wall_s": round(time.perf_counter() - started, 1),
+        "node_levers": node_lever_names(args) if not args.no_levers else [],
         "raw": rounds,
-        "summary": summarise(rounds),
+        "raw_interleaved_c1": probes,
+        "summary": summarise(rounds, pairs, probes),
     }
+
+
+def _auto_threads() -> int:
+    return max(1, usable_cores() - 1)
+
+
+def node_lever_names(args: argparse.Namespace) -> list[str]:
+    """Today's node, lever 1, lever 1 + each runs_in_flight: the rows the brief compares."""
+    auto = _auto_threads()
+    names = [NODE_TODAY, f"lever: standalone node, intra-op auto ({auto})"]
+    names += [
+        f"lever: standalone node, intra-op auto ({auto}), {n} runs in flight"
+        for n in args.runs_in_flight
+    ]
+    return names
+
+
+def lever_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(today, variant) pairs whose per-round ratios the summary takes."""
+    cores, steal = args.threads, args.steal_cores
+    lean = max(1, cores - 1)
+    pairs = [
+        (BASELINE, f"lever: in-process, intra-op {lean} (cores - 1)"),
+        (BASELINE, "lever: in-process, 1 thread x 2 runs in flight"),
+        (
+            f"lever: in-process, today, {steal} cores stolen",
+            f"lever: in-process, intra-op {lean}, {steal} cores stolen",
+        ),
+        (
+            f"lever: in-process, today, {steal} cores stolen",
+            f"lever: in-process, 1 thread x 2 in flight, {steal} cores stolen",
+        ),
+    ]
+    nodes = node_lever_names(args)
+    pairs += [(NODE_TODAY, name) for name in nodes[1:]]
+    pairs += [(nodes[1], name) for name in nodes[2:]]  # runs in flight over lever 1 alone
+    pairs.append((SERVE_TODAY, "lever: `appliance serve --nodes 2` (1 thread x 2 nodes)"))
+    return pairs  # the summary keeps those whose both systems were measured
 
 
 @dataclass
@@ -188,11 +263,23 @@ def _measures(
         return measure
 
     def served(name: str, latency: bool = True) -> Measure:
-        def measure() -> dict[int, dict[str, Any]]:
+        stats = f"{servers[name].url}/v2/models/{MODEL}/stats" if name.startswith("node") else ""
+
+        def point(concurrency: int, length: float) -> dict[str, Any]:
             pid = servers[name].process.pid
-            points = {32: asyncio.run(systems.served(urls[name], body, headers, 32, seconds, pid))}
+            before = asyncio.run(systems.run_counts(stats)) if stats else None
+            row = asyncio.run(systems.served(urls[name], body, headers, concurrency, length, pid))
+            if before is not None:  # rows per run the node's batcher formed (warm-up included)
+                after = asyncio.run(systems.run_counts(stats))
+                rows, runs = after[0] - before[0], after[1] - before[1]
+                row["node_runs"] = runs
+                row["rows_per_run"] = round(rows / runs, 2) if runs else None
+            return row
+
+        def measure() -> dict[int, dict[str, Any]]:
+            points = {32: point(32, seconds)}
             if latency:
-                points[1] = asyncio.run(systems.served(urls[name], body, headers, 1, c1, pid))
+                points[1] = point(1, c1)
             return points
 
         return measure
@@ -214,10 +301,11 @@ def _measures(
         return measure
 
     measures: dict[str, Measure] = {
-        "in-process onnxruntime, batches of 32": inproc(today, latency=True),
-        "a standalone node": served("node"),
-        "`appliance serve` (coordinator + 1 node)": served("serve"),
+        BASELINE: inproc(today, latency=True),
+        NODE_TODAY: served("node"),
     }
+    if args.focus == "all":
+        measures[SERVE_TODAY] = served("serve")
     if use_ray:
         measures["Ray Serve + @serve.batch(32), default proxy"] = ray(False)
         measures["Ray Serve + @serve.batch(32), HAProxy ingress"] = ray(True)
@@ -225,6 +313,9 @@ def _measures(
         measures |= {
             f"lever: in-process, intra-op {max(1, cores - 1)} (cores - 1)": inproc(lean),
             "lever: in-process, 1 thread x 2 runs in flight": inproc(single, 2),
+        }
+    if not args.no_levers and args.focus == "all":
+        measures |= {
             f"lever: in-process, today, {steal} cores stolen": inproc(today, 1, steal),
             f"lever: in-process, intra-op {max(1, cores - 1)}, {steal} cores stolen": inproc(
                 lean, 1, steal
@@ -232,17 +323,46 @@ def _measures(
             f"lever: in-process, 1 thread x 2 in flight, {steal} cores stolen": inproc(
                 single, 2, steal
             ),
-            f"lever: standalone node, intra-op {max(1, cores - 1)}": served("node intra1"),
             "lever: `appliance serve --nodes 2` (1 thread x 2 nodes)": served("serve 2 nodes"),
         }
+    if not args.no_levers:
+        nodes = node_lever_names(args)
+        measures[nodes[1]] = served("node auto")
+        for n, name in zip(args.runs_in_flight, nodes[2:], strict=True):
+            measures[name] = served(f"node auto x{n}")
     return measures
 
 
+def _probe(
+    args: argparse.Namespace, urls: dict[str, str], setup: Setup
+) -> Callable[[], dict[str, dict[str, Any]]]:
+    """The node levers and the in-process 1-row runs at c=1, interleaved request by request."""
+    nodes = node_lever_names(args)
+    keys = ["node", "node auto", *(f"node auto x{n}" for n in args.runs_in_flight)]
+    targets = {name: urls[key] for name, key in zip(nodes, keys, strict=True)}
+    today, single = setup.runners["today"], setup.runners["single"]
+    runs = {
+        BASELINE: lambda: today.run(setup.one_row),
+        "in-process, intra-op 1, 1-row run": lambda: single.run(setup.one_row),
+    }
+    seconds = max(1.0, args.seconds_c1 * len(targets) / 2)
+
+    def probe() -> dict[str, dict[str, Any]]:
+        return asyncio.run(
+            systems.interleaved_c1(targets, runs, setup.body, setup.headers, seconds)
+        )
+
+    return probe
+
+
 def _rounds(
-    measures: dict[str, Measure], rounds: int, servers: dict[str, Any]
-) -> list[dict[str, Any]]:
+    measures: dict[str, Measure],
+    rounds: int,
+    servers: dict[str, Any],
+    probe: Callable[[], dict[str, dict[str, Any]]] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, dict[str, Any]]]]:
     names = list(measures)
-    out = []
+    out, probes = [], []
     for index in range(rounds):
         shift = index % len(names)
         order = names[shift:] + names[:shift]  # rotated: no system always runs first or last
@@ -258,7 +378,14 @@ def _rounds(
             rates = ", ".join(f"c={c} {r['rows_per_s']:.0f} rows/s" for c, r in points.items())
             print(f"  {rates}", flush=True)
         out.append(results)
-    return out
+        if probe is not None:
+            print(f"round {index + 1}/{rounds}: c=1 interleaved, node levers", flush=True)
+            probes.append(probe())
+            line = ", ".join(
+                f"{n.removeprefix('lever: ')} {r['p50_ms']} ms" for n, r in probes[-1].items()
+            )
+            print(f"  p50: {line}", flush=True)
+    return out, probes
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -224,9 +225,71 @@ async def wait_answers(url: str, body: bytes, headers: dict[str, str], timeout_s
     raise RuntimeError(f"{url} did not answer within {timeout_s}s: {last}")
 
 
-def start_node(repo: Path, model: str, threads: int, batch: int) -> NodeProcess:
-    flags = ["--device", "cpu", "--intra-op-threads", str(threads)]
-    flags += ["--max-batch-size", str(batch)]
+async def interleaved_c1(
+    urls: dict[str, str],
+    runs: dict[str, Callable[[], Any]],
+    body: bytes,
+    headers: dict[str, str],
+    seconds: float,
+) -> dict[str, dict[str, Any]]:
+    """Concurrency 1, one request to each system in turn (the order rotated every cycle) for
+    ``seconds``: the systems share every moment of a shared machine's load, so their p50s
+    compare where points measured one after another would each catch another load."""
+    import aiohttp
+
+    names = [*urls, *runs]
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    failures = dict.fromkeys(names, 0)
+    async with aiohttp.ClientSession() as session:
+
+        async def call(name: str) -> bool:
+            if name in runs:
+                runs[name]()  # in process: blocks this loop, as nothing else runs on it
+                return True
+            async with session.post(urls[name], data=body, headers=headers) as response:
+                await response.read()
+                return response.status == 200
+
+        for name in names:  # warm: connections open, allocations made
+            await call(name)
+        end, cycle = time.perf_counter() + seconds, 0
+        while time.perf_counter() < end:
+            shift = cycle % len(names)
+            for name in names[shift:] + names[:shift]:
+                began = time.perf_counter()
+                ok = await call(name)
+                if ok:
+                    latencies[name].append((time.perf_counter() - began) * 1000)
+                else:
+                    failures[name] += 1
+            cycle += 1
+    return {
+        name: {
+            "requests": len(values),
+            "failures": failures[name],
+            "p50_ms": round(float(np.percentile(values, 50)), 3) if values else None,
+            "p99_ms": round(float(np.percentile(values, 99)), 3) if values else None,
+        }
+        for name, values in latencies.items()
+    }
+
+
+async def run_counts(stats_url: str) -> tuple[int, int]:
+    """(rows, runs) a node's batcher has run for a model so far (its v2 statistics)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(stats_url) as response:
+        response.raise_for_status()
+        (model,) = (await response.json())["model_stats"]
+    return int(model["inference_count"]), int(model["execution_count"])
+
+
+def start_node(
+    repo: Path, model: str, threads: int, batch: int, runs_in_flight: int = 1
+) -> NodeProcess:
+    """A standalone node; ``threads`` as its intra_op_threads (-1 auto, 0 onnxruntime's)."""
+    flags = ["--device", "cpu", f"--intra-op-threads={threads}"]
+    flags += ["--max-batch-size", str(batch), "--runs-in-flight", str(runs_in_flight)]
     node = NodeProcess(repo, model, flags)
     try:
         asyncio.run(node.wait_ready(timeout_s=300))
