@@ -52,6 +52,6 @@ def internal_clients(config: ServerConfig, sender: str) -> InternalClients:
     return InternalClients(
         session,
         hop_post(config, session, signer, tls),
-        config.link_probe_bytes,
+        min(config.link_probe_bytes, config.max_body_bytes),
         config.link_probe_interval_s,
     )

@@ -169,10 +169,12 @@ async def probe(post: HopPost, peer: str, links: LinkTable, probe_bytes: int) ->
         rtts.append(await _timed(post, url, b""))
     latency = min(rtts)
     throughput = None
-    if probe_bytes > 0:
-        transfer = await _timed(post, url, bytes(probe_bytes)) - latency
-        throughput = probe_bytes / transfer if transfer > 0 else None
-    links.record_probe(peer, latency, throughput)
+    try:
+        if probe_bytes > 0:
+            transfer = await _timed(post, url, bytes(probe_bytes)) - latency
+            throughput = probe_bytes / transfer if transfer > 0 else None
+    finally:  # a peer refusing the large body (its max_body_bytes is smaller) keeps the latency
+        links.record_probe(peer, latency, throughput)
 
 
 async def _timed(post: HopPost, url: str, body: bytes) -> float:
