@@ -88,7 +88,7 @@ class ResultCache:
         self._done = threading.Condition()
         self._queued = 0  # sequence numbers of queued and of committed work
         self._committed = 0
-        self._scanned = False  # the writer rebuilt the index from disk
+        self._scanned = False  # the writer rebuilt the index from disk and kept it in bounds
         self._stopping = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -331,8 +331,10 @@ class ResultCache:
             self._rebuild_index()
         except lmdb.Error as exc:
             self._degrade(f"scanning the result cache failed: {exc}", exc)
-        self._scanned = True
         self._flush()  # evicts at once if max_bytes shrank since the last run
+        with self._done:  # only now: wait_flushed must not see the store mid-eviction
+            self._scanned = True
+            self._done.notify_all()
         while True:
             self._wake.wait()
             if not self._stopping:

@@ -209,7 +209,8 @@ async def test_a_reservation_one_span_cannot_hold_is_503_and_the_others_release_
     )
     service = ring.service
     placement = await service.load(MODEL, 2, 1)
-    assert [s.replicas for s in placement.spans] == [("n0",), ("n1",)]
+    # one span each; which one is the links' call (both nodes are this host: a tie, to noise)
+    assert sorted(s.replicas for s in placement.spans) == [("n0",), ("n1",)]
     entry = service.entry(MODEL)
     route = service.cluster.route(MODEL, entry.digest, 2, placement, 0.0)
     holder = SequenceRef(MODEL, entry.digest, "holder", "test")

@@ -47,11 +47,15 @@ def run_streams(
 
 
 def busy_node(ring: HostRing) -> str:
-    """A node whose heartbeat reports at least one live sequence."""
-    end = time.monotonic() + 10
+    """A node holding KV for a live sequence, by a heartbeat sent after this call began: an
+    older one may still show the previous run's sequences (or, by ``sequences``, the idle
+    ones kept for prefix reuse), whose node this run's streams need not use."""
+    began = time.monotonic()
+    end = began + 10
     while time.monotonic() < end:
         for node in ring.cluster()["nodes"]:
-            if node["load"].get("sequences", 0) >= 1:
+            fresh = node["last_seen_s"] < time.monotonic() - began
+            if fresh and node["load"].get("kv_reserved_bytes", 0) > 0:
                 return str(node["node_id"])
         time.sleep(0.05)
     raise AssertionError("no node reported a live sequence")
