@@ -84,7 +84,9 @@ def test_only_inference_requests_are_governed() -> None:
 
 async def _infer(request: web.Request) -> web.Response:
     await request.read()
-    await asyncio.sleep(0.5)  # a hop: the request stays in flight, the loop is free meanwhile
+    # a hop: the request stays in flight, the loop is free meanwhile; long enough that the 40
+    # are still in flight when the 20 come, even with the loop held and the machine busy
+    await asyncio.sleep(1.5)
     return web.Response(text="done")
 
 
@@ -121,7 +123,7 @@ async def test_a_lagging_server_refuses_inference_fast_and_still_answers_health(
                     )
 
             first = [asyncio.ensure_future(infer()) for _ in range(40)]
-            for _ in range(200):  # all 40 in flight (a hop of 0.5 s each)
+            for _ in range(200):  # all 40 in flight (a hop of 1.5 s each)
                 if admission.in_flight == 40:
                     break
                 await asyncio.sleep(0.01)
