@@ -2,7 +2,7 @@
 
     python -m bench.generate_batch                 # 1/4/16/32 streams x 128 new tokens, 3 rounds
     python -m bench.generate_batch --quick         # 1/4/16 streams x 32 tokens, 1 round
-    python -m bench.generate_batch --sides L,O,C   # any of L,O,P,C,S1,S3,S1-int4
+    python -m bench.generate_batch --sides L,L0,O   # any of L,L0,O,P,C,S1,S3,S1-int4
 
 Side by side, rounds alternating (the order rotates each round), medians over rounds; every
 side decodes the same N prompts (ids from the package's tokenizer, or their text for a server)
@@ -11,6 +11,8 @@ greedily for exactly ``--new-tokens`` tokens, EOS ignored:
   (L) the in-process batched limit, fp32: the appliance's ``DecoderSpan`` over the whole package,
       each prompt prefilled alone, then every stream's decode step as ONE batch per token,
       argmax in numpy: no HTTP, no scheduler, no sampling (what batching could give at best);
+  (L0) the same with the design before runtime/batch_kv.py (``keep_batches`` off: every batched
+      step gathers the pasts into fresh padded arrays and copies each row's tokens back out);
   (O) the independent limit extended to batches, fp32: optimum's one-graph export in plain
       onnxruntime (no appliance code), KV preallocated and IO-bound, the N prompts left-padded
       into one prefill, then one [N, 1] decode batch per token (bench/generate_limit.py);
@@ -92,9 +94,10 @@ def stream_prompts(count: int, text: str) -> list[str]:
 
 
 class Limit:
-    """(L): one DecoderSpan over every segment; decode of all streams as one batch."""
+    """(L): one DecoderSpan over every segment; decode of all streams as one batch. (L0):
+    the same, its decode batches not kept between steps."""
 
-    def __init__(self, repo: Path, threads: int) -> None:
+    def __init__(self, repo: Path, threads: int, keep_batches: bool = True) -> None:
         from runtime.decoder import load_decoder_span
         from runtime.package import open_package
         from runtime.session import SessionSettings
@@ -102,7 +105,9 @@ class Limit:
         package = open_package(repo, PACKAGE_NAME)
         settings = SessionSettings(device="cpu", intra_op_threads=threads)
         self.span = load_decoder_span(package, settings, 0, len(package.segments) - 1)
-        self.settings = {"onnxruntime_threads": threads, "prefill": "each prompt alone"}
+        self.span.keep_batches = keep_batches
+        self.settings = {"onnxruntime_threads": threads, "prefill": "each prompt alone",
+                         "keep_batches": keep_batches}  # fmt: skip
 
     def run(self, texts: list[str], ids: list[list[int]], new: int) -> dict[str, float]:
         kvs = [self.span.empty_kv() for _ in ids]
@@ -236,7 +241,7 @@ async def prefix_ttft(repo: Path, threads: int, rounds: int, system: list[int]) 
     }
 
 
-SIDES = ("L", "O", "P", "C", "S1", "S3", "S1-int4")
+SIDES = ("L", "L0", "O", "P", "C", "S1", "S3", "S1-int4")
 
 
 def make_sides(
@@ -255,6 +260,7 @@ def make_sides(
     streams = max(int(s) for s in args.streams.split(","))
     makers: list[tuple[str, str, Any]] = [
         ("L", "limit-inproc-batched", lambda: Limit(repo, threads)),
+        ("L0", "limit-inproc-batched-before", lambda: Limit(repo, threads, keep_batches=False)),
         ("O", "limit-optimum-batched",
          lambda: peers.OptimumLimit(args.work, threads, capacity, streams, figures, say)),
         ("P", "pytorch-batched", lambda: peers.TorchBatch(args.work, figures, say)),

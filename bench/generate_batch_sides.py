@@ -26,6 +26,11 @@ Figures = Callable[[list[float], list[list[float]]], dict[str, float]]
 
 LABELS = {
     "limit-inproc-batched": ("L", "appliance DecoderSpan in process (batched limit)", "fp32"),
+    "limit-inproc-batched-before": (
+        "L0",
+        "the same, decode batches not kept between steps (before)",
+        "fp32",
+    ),
     "limit-optimum-batched": ("O", "optimum graph + onnxruntime, left-padded batch", "fp32"),
     "pytorch-batched": ("P", "PyTorch generate, left-padded batch", "fp32"),
     "llama.cpp-batched": ("C", "llama.cpp low-level batch (llama-cpp-python)", "Q4_1"),

@@ -11,9 +11,10 @@ outputs ``hidden.{L'}`` or ``logits`` [B, vocab] (each row's last position) and
 ``present.{l}.key|value`` [B, kv_heads, past + T, head_dim].
 
 Batches: rows' pasts may differ in length; they are left-padded to the longest for the run (the
-mask hides the padding), and each row keeps only its real tokens afterwards. A batch of one
-without padding feeds its KV arrays as they are and keeps the graph's ``present`` outputs: no
-copy besides the graph's own concatenation.
+mask hides the padding). Each row's KV then stays a row of the run's presents (``BatchKV``,
+runtime/batch_kv.py): a next step with the same rows, in any order, feeds them as they are, and
+only a step whose rows changed gathers the pasts afresh. A prompt (a batch of one) feeds its KV
+as it is: no copy besides the graph's own concatenation.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.batch_kv import SequenceKV, attach_rows, gather_past
 from runtime.decoder_merge import can_merge, merge_segment_files
 from runtime.errors import (
     ContextOverflow,
@@ -45,17 +47,7 @@ INPUT_IDS = "input_ids"
 LOGITS = "logits"
 _KV_DTYPES = {"FP32": np.float32, "FP16": np.float16}
 
-
-@dataclass
-class SequenceKV:
-    """One sequence's KV for one span's layers."""
-
-    keys: list[np.ndarray]  # per layer [1, kv_heads, length, head_dim]
-    values: list[np.ndarray]
-    length: int  # tokens held == the next position
-
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.keys) + sum(int(a.nbytes) for a in self.values)
+__all__ = ["DecoderSpan", "SequenceKV", "load_decoder_span"]  # SequenceKV: its old home
 
 
 @dataclass(frozen=True)
@@ -114,6 +106,9 @@ class DecoderSpan:
                 )
         self.is_first = self._stages[0].input_name == INPUT_IDS
         self.is_last = self._stages[-1].output_name == LOGITS
+        # False: the design before runtime/batch_kv.py (every batched step gathers the pasts and
+        # copies each row's tokens back out), kept for the benchmark's side by side
+        self.keep_batches = True
 
     @property
     def session_count(self) -> int:
@@ -150,46 +145,69 @@ class DecoderSpan:
         inputs = self._check_inputs(inputs)
         batch, tokens = int(inputs.shape[0]), int(inputs.shape[1])
         counts = self._check_rows(kvs, batch, tokens, new_tokens)
-        lengths = [kv.length for kv in kvs]
-        if batch == 1 and counts[0] == tokens:
-            past_len = lengths[0]
-            mask = np.ones((1, past_len + tokens), np.int64)
-            positions = np.arange(past_len, past_len + tokens, dtype=np.int64)[None, :]
-            past = {}
-            for i, layer in enumerate(range(self.first_layer, self.first_layer + self.layers)):
-                past[f"past.{layer}.key"] = kvs[0].keys[i]
-                past[f"past.{layer}.value"] = kvs[0].values[i]
+        whole = all(count == tokens for count in counts)
+        kept = kvs[0].batch if whole and self.keep_batches else None
+        rows: list[int] | None = None  # kvs[i] is row rows[i] of the kept batch
+        if kept is not None and kept.holds_exactly(kvs):
+            rows = [kv.row for kv in kvs]
+            if rows != list(range(batch)):
+                ordered = np.empty_like(inputs)
+                ordered[rows] = inputs
+                inputs, kvs = ordered, list(kept.members)
+            else:
+                rows = None
+            past_len, pads = kept.width, kept.pads
+            keys, values = kept.arrays
         else:
-            past_len = max(lengths)
+            past_len = max(kv.length for kv in kvs)
+            pads = [past_len - kv.length for kv in kvs]
+            if batch == 1 and whole and kvs[0].batch is None:
+                keys, values = kvs[0].keys, kvs[0].values  # its own: fed as they are
+            else:
+                keys, values = gather_past(kvs, past_len, self.kv_dtype, self.kv_heads,
+                                           self.head_dim, self.layers)  # fmt: skip
+        lengths = [kv.length for kv in kvs]
+        if batch == 1 and whole:
+            mask = np.ones((1, past_len + tokens), np.int64)
+            mask[0, : pads[0]] = 0
+            positions = np.arange(lengths[0], lengths[0] + tokens, dtype=np.int64)[None, :]
+        else:
             mask, positions = _padded_mask(lengths, counts, past_len, tokens)
-            past = self._padded_past(kvs, past_len)
-        out, presents = self._run(inputs, mask, positions, past)
-        for i, layer in enumerate(range(self.first_layer, self.first_layer + self.layers)):
-            key, value = presents[f"present.{layer}.key"], presents[f"present.{layer}.value"]
-            if batch == 1 and counts[0] == tokens:
-                kvs[0].keys[i], kvs[0].values[i] = key, value
-                continue
+        out, presents = self._run(inputs, mask, positions, keys, values)
+        new_keys, new_values = presents
+        if whole and self.keep_batches:
+            attach_rows(kvs, new_keys, new_values, pads, [n + tokens for n in lengths])
+        elif batch == 1 and whole:
+            kvs[0].replace(new_keys, new_values, lengths[0] + tokens)
+        else:  # left-padded new tokens: each row's real ones cut out, into arrays of its own
             for row, kv in enumerate(kvs):
-                kv.keys[i] = _real_tokens(key, row, lengths[row], counts[row], past_len, tokens)
-                kv.values[i] = _real_tokens(value, row, lengths[row], counts[row], past_len, tokens)
-        for kv, count in zip(kvs, counts, strict=True):
-            kv.length += count
-        return out
+                kv.replace(
+                    [_real_tokens(k, row, lengths[row], counts[row], past_len, tokens)
+                     for k in new_keys],
+                    [_real_tokens(v, row, lengths[row], counts[row], past_len, tokens)
+                     for v in new_values],
+                    lengths[row] + counts[row],
+                )  # fmt: skip
+        return out[rows] if rows is not None else out
 
     def _run(
         self,
         x: np.ndarray,
         mask: np.ndarray,
         positions: np.ndarray,
-        past: dict[str, np.ndarray],
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        presents: dict[str, np.ndarray] = {}
+        keys: list[np.ndarray],
+        values: list[np.ndarray],
+    ) -> tuple[np.ndarray, tuple[list[np.ndarray], list[np.ndarray]]]:
+        """The span's sessions in order; the presents per layer of the span (keys, values)."""
+        new_keys: list[np.ndarray] = []
+        new_values: list[np.ndarray] = []
         for stage in self._stages:
             feeds = {stage.input_name: x, "attention_mask": mask, "position_ids": positions}
             names = [stage.output_name]
             for layer in stage.layers:
-                feeds[f"past.{layer}.key"] = past[f"past.{layer}.key"]
-                feeds[f"past.{layer}.value"] = past[f"past.{layer}.value"]
+                index = layer - self.first_layer
+                feeds[f"past.{layer}.key"] = keys[index]
+                feeds[f"past.{layer}.value"] = values[index]
                 names += [f"present.{layer}.key", f"present.{layer}.value"]
             try:
                 produced = stage.session.run(feeds, names)
@@ -200,8 +218,9 @@ class DecoderSpan:
                     f"past {past_shape}: {exc}"
                 ) from exc
             x = produced[0]
-            presents.update(zip(names[1:], produced[1:], strict=True))
-        return x, presents
+            new_keys += produced[1::2]
+            new_values += produced[2::2]
+        return x, (new_keys, new_values)
 
     def _check_inputs(self, inputs: np.ndarray) -> np.ndarray:
         if not isinstance(inputs, np.ndarray):
@@ -247,6 +266,13 @@ class DecoderSpan:
             )
         want = (1, self.kv_heads, None, self.head_dim)
         for row, kv in enumerate(kvs):
+            if kv.length + counts[row] > self.info.context_length:
+                raise ContextOverflow(
+                    f"row {row} would hold {kv.length + counts[row]} tokens; the model's "
+                    f"context length is {self.info.context_length}"
+                )
+            if kv.batch is not None:
+                continue  # a row of this span's presents: their shapes are the graph's
             if len(kv.keys) != self.layers or len(kv.values) != self.layers:
                 raise InvalidRequest(
                     f"row {row}'s KV holds {len(kv.keys)} key and {len(kv.values)} value "
@@ -268,25 +294,7 @@ class DecoderSpan:
                         f"row {row}'s KV has an array of shape {list(shape)}; expected "
                         f"{[d if d is not None else kv.length for d in want]}"
                     )
-            if kv.length + counts[row] > self.info.context_length:
-                raise ContextOverflow(
-                    f"row {row} would hold {kv.length + counts[row]} tokens; the model's "
-                    f"context length is {self.info.context_length}"
-                )
         return counts
-
-    def _padded_past(self, kvs: list[SequenceKV], past_len: int) -> dict[str, np.ndarray]:
-        past: dict[str, np.ndarray] = {}
-        shape = (len(kvs), self.kv_heads, past_len, self.head_dim)
-        for i, layer in enumerate(range(self.first_layer, self.first_layer + self.layers)):
-            for part in ("key", "value"):
-                padded = np.zeros(shape, self.kv_dtype)
-                for row, kv in enumerate(kvs):
-                    held = kv.keys[i] if part == "key" else kv.values[i]
-                    if kv.length:
-                        padded[row, :, past_len - kv.length :] = held[0]
-                past[f"past.{layer}.{part}"] = padded
-        return past
 
 
 def _padded_mask(

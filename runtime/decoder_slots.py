@@ -287,7 +287,10 @@ class DecoderSlot:
         if rest.startswith(PREFIX_KEY):
             return self.cache.drop(rest[len(PREFIX_KEY) :])
         self.batcher.forget(rest)
-        return self.sequences.pop(rest, None) is not None
+        sequence = self.sequences.pop(rest, None)
+        if sequence is not None:
+            sequence.kv.release()
+        return sequence is not None
 
     def close(self, sequence_id: str) -> bool:
         sequence = self.sequences.pop(sequence_id, None)
@@ -295,6 +298,8 @@ class DecoderSlot:
         self.batcher.forget(sequence_id)
         if sequence is not None and not sequence.busy:
             self._store_prefix(sequence, time.monotonic())  # in the room it held
+        if sequence is not None:
+            sequence.kv.release()  # a decode batch still listing it need not copy it out
         self.on_freed()
         return sequence is not None
 
@@ -304,7 +309,8 @@ class DecoderSlot:
         gone = [key[len(prefix) :] for key in self.budget.expire(now) if key.startswith(prefix)]
         for sequence_id in gone:
             self.batcher.forget(sequence_id)
-            self.sequences.pop(sequence_id, None)
+            if (sequence := self.sequences.pop(sequence_id, None)) is not None:
+                sequence.kv.release()
         return gone
 
     def info(self) -> dict[str, Any]:

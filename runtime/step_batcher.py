@@ -213,6 +213,5 @@ def truncate(kv: SequenceKV, length: int) -> None:
     """Keep the first ``length`` tokens of a sequence's KV."""
     if length >= kv.length:
         return
-    kv.keys = [np.ascontiguousarray(k[:, :, :length]) for k in kv.keys]
-    kv.values = [np.ascontiguousarray(v[:, :, :length]) for v in kv.values]
-    kv.length = length
+    kv.replace([np.ascontiguousarray(k[:, :, :length]) for k in kv.keys],
+               [np.ascontiguousarray(v[:, :, :length]) for v in kv.values], length)  # fmt: skip
