@@ -21,7 +21,7 @@ class DecoderLimits:
     max_queued_sequences: int = 64  # opens waiting per span; more: 503 at once
     queue_timeout_s: float = 30.0  # the longest an open waits before its 503
     prefill_chunk_tokens: int = 64  # a prompt runs in chunks of this many tokens (0: whole)
-    gather_s: float = 0.0  # a decode batch waits this long for rows of the last one
+    gather_s: float = 0.0  # a decode batch's wait for rows of the last runs (step_batcher)
     prefix_block_tokens: int = 32  # tokens per prefix-cache block (0: no prefix cache)
     prefix_recent_blocks: int = 256  # block names a heartbeat reports per span
 

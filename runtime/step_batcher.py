@@ -8,6 +8,13 @@ tokens) runs in chunks of ``prefill_chunk_tokens``, each chunk as its own run be
 batches, so a long prefill delays the others' decode by one chunk at a time, never by its whole
 length (padding decode rows to a chunk's width would multiply their compute by the chunk size).
 
+Before a decode batch runs, it waits a little for the rows that stepped in the last two runs
+and have not come back yet (``_gather``): up to ``gather_s`` or a quarter of the last run,
+whichever is longer. Without it a span's streams split into halves that alternate for good
+(each half's next steps arrive while the other half runs): measured on SmolLM2 through
+``appliance serve``, 16 streams ran as 137 runs of 8.2 rows on average for 64 tokens each. A row
+late by a quarter of a run costs less waiting than a run of its own.
+
 Runs happen one at a time on the slot's executor thread (onnxruntime releases the GIL); the
 queues are touched only from the event loop. ``finish`` callbacks (sampling on the last span)
 run on the executor too, so a batch's sampling never blocks the loop.
@@ -28,6 +35,7 @@ import numpy as np
 from runtime.decoder import DecoderSpan, SequenceKV
 
 Finish = Callable[[np.ndarray], Any]
+GATHER_SHARE = 0.25  # a batch waits for its missing rows up to this share of the last run
 
 
 @dataclass
@@ -73,7 +81,9 @@ class StepBatcher:
         self._prefill: deque[_Work] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._last_rows: set[str] = set()  # the keys of the last decode batch
+        self._recent: dict[str, int] = {}  # key -> the decode run it was last in
+        self._runs = 0  # decode runs so far
+        self._last_run_s = 0.0  # how long the last decode run took
         self._last_was_decode = False
 
     @property
@@ -100,7 +110,7 @@ class StepBatcher:
 
     def forget(self, key: str) -> None:
         """The sequence was closed: its waiting steps are dropped, it is expected no more."""
-        self._last_rows.discard(key)
+        self._recent.pop(key, None)
         for queue in (self._decode, self._prefill):
             for work in [w for w in queue if w.key == key]:
                 queue.remove(work)
@@ -134,25 +144,34 @@ class StepBatcher:
             await asyncio.sleep(0)
 
     async def _gather(self) -> None:
-        """Rows of the last decode batch whose next step is on its way: wait a little for
-        them, so one late row does not split the batch in two runs."""
+        """Rows of the last two decode runs whose next step is on its way: wait a little for
+        them, so that one late row does not split the batch, nor two halves alternate."""
         if self.gather_s <= 0:
             return
-        missing = self._last_rows - {w.key for w in self._decode}
+        loop = asyncio.get_running_loop()
+        expected = {key for key, run in self._recent.items() if run >= self._runs - 1}
+        missing = expected - {w.key for w in self._decode}
         if not missing or len(self._decode) >= self.max_rows:
             return
-        deadline = asyncio.get_running_loop().time() + self.gather_s
-        while missing and (left := deadline - asyncio.get_running_loop().time()) > 0:
+        deadline = loop.time() + max(self.gather_s, GATHER_SHARE * self._last_run_s)
+        while missing and (left := deadline - loop.time()) > 0:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), left)
-            missing = self._last_rows - {w.key for w in self._decode}
+            missing = expected - {w.key for w in self._decode}
+            if len(self._decode) >= self.max_rows:
+                return
 
     async def _run_decode(self, loop: asyncio.AbstractEventLoop, batch: list[_Work]) -> None:
-        self._last_rows = {w.key for w in batch}
+        self._runs += 1
+        for work in batch:
+            self._recent[work.key] = self._runs
+        for key in [k for k, run in self._recent.items() if run < self._runs - 1]:
+            del self._recent[key]  # not seen for two runs: no longer waited for
         rows = len(batch)
         self.stats.decode_batches[rows] = self.stats.decode_batches.get(rows, 0) + 1
         self.stats.decode_tokens += rows
+        started = loop.time()
         try:
             results = await loop.run_in_executor(self.executor, self._decode_run, batch)
         except BaseException as exc:
@@ -161,6 +180,7 @@ class StepBatcher:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
+        self._last_run_s = loop.time() - started
         for work, result in zip(batch, results, strict=True):
             if not work.future.done():
                 work.future.set_result(result)

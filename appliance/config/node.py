@@ -119,8 +119,9 @@ class NodeConfig(ServerConfig):
     decode_gather_us: int = field(
         default=3000,
         metadata={
-            "help": "generation: a decode batch waits up to this for the rows of the last one "
-            "still on their way (so streams stay in one batch instead of alternating halves)"
+            "help": "generation: a decode batch waits up to this, or a quarter of the last "
+            "run when that is longer, for the rows of the last two runs still on their way (so "
+            "streams stay in one batch instead of alternating halves); 0: no wait"
         },
     )
     prefix_block_tokens: int = field(

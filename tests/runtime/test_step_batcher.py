@@ -200,3 +200,40 @@ async def test_a_chunked_long_prefill_lets_the_others_decode() -> None:
     assert chunked >= 3 * 5  # ~14 chunks, a decode batch of the three between each two
     assert whole <= 3 * 2  # unchunked, they wait for the whole prompt
     np.testing.assert_allclose(logits, want, atol=1e-3, rtol=0)
+
+
+async def test_two_halves_of_the_streams_merge_into_one_batch() -> None:
+    """Streams whose next step comes back later than ``gather_s`` (but within a quarter of a
+    run) would split into two halves that alternate for good, each arriving while the other
+    runs; the batch waits for the rows of the last two runs, so the halves merge."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime.decoder import load_decoder_span
+    from runtime.package import open_package
+    from runtime.step_batcher import StepBatcher
+
+    package = open_package(shared_tiny_package(), "tiny-llm")
+    span = load_decoder_span(package, SETTINGS, 0, LAYERS - 1)
+    executor = ThreadPoolExecutor(1)
+    batcher = StepBatcher(span, executor, max_rows=16, gather_s=0.001)
+
+    def finish(out: np.ndarray) -> int:
+        time.sleep(0.01)  # a run of 4 rows takes 40 ms: the client's 5 ms is a 1/8 of it
+        return int(np.argmax(out[0]))
+
+    async def stream(key: str, start_s: float) -> None:
+        await asyncio.sleep(start_s)
+        kv = span.empty_kv()
+        token = await batcher.run(key, kv, np.array([[5, 6, 7]]), finish)
+        for _ in range(30):
+            await asyncio.sleep(0.005)  # the coordinator's and the client's share of a token
+            token = await batcher.run(key, kv, np.array([[token]]), finish)
+
+    try:
+        await asyncio.gather(*(stream(f"a{i}", 0.0) for i in range(4)),
+                             *(stream(f"b{i}", 0.015) for i in range(4)))  # fmt: skip
+    finally:
+        executor.shutdown()
+    runs = batcher.stats.decode_batches
+    print(f"decode runs by rows: {dict(sorted(runs.items()))}")
+    assert runs.get(8, 0) >= 15, runs  # without the wait: runs of 1 and 7 rows alternating
