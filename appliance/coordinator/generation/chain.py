@@ -49,8 +49,14 @@ log = logging.getLogger(__name__)
 # answers of a chain that another chain may not get: the node lost it (502/503/504), it does
 # not hold those bytes or that sequence any more (409/410: restarted, unloaded)
 LOST = {409, 410, 502, 503, 504}
+# answers to an open that another chain may not get: the route was stale (409: a node no
+# longer holds that span, as during a switch of placement) or a node could not reach the next;
+# a 503 there is the nodes' KV budget speaking (full, retry later): the client's to see
+REOPEN = {409, 410, 502, 504}
+STALE_WINDOW_S = 10.0  # how long opens on stale routes are retried
 PROBE_S = 1.0
 _URL = re.compile(r"https?://[^\s/]+")
+_SPAN = re.compile(r"holds no (?:generation )?span (\d+)-(\d+)")
 
 
 def step_timeout(base_s: float, tokens: int) -> float:
@@ -63,6 +69,13 @@ def named_urls(message: str, route: list[rp.RouteStep]) -> set[str]:
     """The replicas of ``route`` an error message names (the node that lost the next one)."""
     pinned = {u for s in route for u in s.replicas}
     return {u for u in _URL.findall(message) if u in pinned}
+
+
+def stale_urls(message: str, route: list[rp.RouteStep]) -> set[str]:
+    """The replicas of ``route`` that said they hold no such span (a 409 names the span,
+    ``span 23-29``): alive, but not to be pinned again for this sequence."""
+    spans = {(int(a), int(b)) for a, b in _SPAN.findall(message)}
+    return {u for s in route if (s.first, s.last) in spans for u in s.replicas}
 
 
 class SequenceChain:
@@ -163,10 +176,45 @@ class SequenceChain:
 
     async def begin(self) -> list[int]:
         """Open the sequence: the part of the prompt to step (what its chain holds cached is
-        not run again)."""
-        self.cached_tokens = await self.open()
+        not run again). An open the chain could not take (``REOPEN``) is tried on a chain
+        pinned anew: ``max_replays`` times at most when a node was lost, and for up to
+        ``STALE_WINDOW_S`` when a live node only held no such span any more (a placement
+        being switched, a replica reloading: the heartbeats catch up)."""
+        lost = tries = 0
+        stale_until = time.monotonic() + STALE_WINDOW_S
+        while True:
+            try:
+                # a retry may find every replica of a span left out: it then waits for one
+                self.cached_tokens = await (self._open_when_live() if tries else self.open())
+                break
+            except (SequenceLost, UpstreamError) as exc:
+                if isinstance(exc, UpstreamError) and exc.status not in REOPEN:
+                    raise  # a final answer (400, 503 KV full, 507): the same anywhere
+                stale = isinstance(exc, UpstreamError) and exc.status == 409
+                tries, lost = tries + 1, lost + (0 if stale else 1)
+                over = time.monotonic() > stale_until if stale else lost > self.c.config.max_replays
+                if over or self.deadline.remaining() <= 0.25:
+                    raise
+                await self._drop_chain(exc, stale)
         self.fed = self.prompt[: self.cached_tokens]
         return self.prompt[self.cached_tokens :]
+
+    async def _drop_chain(self, exc: Exception, stale: bool) -> None:
+        """Leave a chain whose open failed: the replicas that do not answer are ejected, those
+        the error names are left out of the next chain, the sequence is freed where it was
+        opened. After a stale route, or without anyone to blame, the next try waits a quarter
+        of a second (a heartbeat or two)."""
+        dead = await self._unresponsive(self.route)
+        for url in dead:
+            self.c.hops.eject(url, f"could not open sequence {self.ref.sequence_id}: {exc}")
+        bad = dead | named_urls(str(exc), self.route) | stale_urls(str(exc), self.route)
+        self._excluded |= bad
+        self._forget(self.route, self.ref, bad)
+        log.info("sequence %s: open failed (%s); pinning another chain", self.ref.sequence_id,
+                 exc)  # fmt: skip
+        self.ref = self._new_ref()
+        if stale or not bad:
+            await asyncio.sleep(0.25)
 
     async def step(self, ids: list[int]) -> int:
         """Step ``ids`` at the chain's position; the token its last span samples. A lost
