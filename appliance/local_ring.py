@@ -26,12 +26,15 @@ from appliance.config import CoordinatorConfig, entries_with_file
 from appliance.coordinator.app import build_coordinator_app
 from appliance.coordinator.cluster import Cluster
 from appliance.coordinator.keys import COORDINATOR
+from appliance.coordinator.placement.types import Placement
 from appliance.coordinator.retry import Retry
 from appliance.coordinator.service import Coordinator
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, NoLiveReplica
 from appliance.http.server import Listening, Server
 from appliance.sd_notify import notify
 from appliance.security.signing import new_secret, parse_secrets
+from runtime.errors import ModelNotFound
+from runtime.package import list_repository
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +219,11 @@ async def _place_all(coordinator: Coordinator, ring: LocalRing) -> dict[str, str
             replicas = max(1, min(ring.replicas, ring.nodes))
             if stages == 1 and ring.replicas == 1 and ring.nodes > 1:
                 replicas = ring.nodes  # one span: a replica on every node shares the load
-            placement = await coordinator.load(name, stages, replicas)
+            placement = _restored(coordinator, name, stages, replicas)
+            if placement is None or not await _routable(coordinator, name):
+                placement = await coordinator.load(name, stages, replicas)
+            else:
+                why += "; kept from the last run"
         except Exception as exc:  # typed errors say why; the ring serves the others
             log.error("%s is not served: %s", name, exc)
             continue
@@ -226,6 +233,40 @@ async def _place_all(coordinator: Coordinator, ring: LocalRing) -> dict[str, str
         log.info("%s placed as %d span(s) (%s): %s", name, stages, why, spans)
         placed[name] = f"{name}: {spans}"
     return placed
+
+
+def _restored(coordinator: Coordinator, name: str, stages: int, replicas: int) -> Placement | None:
+    """The placement the last run of this state dir pinned, when it still fits: the newest
+    version, these stages and replicas, every replica a live member. Placing anew would shuffle
+    spans among equal local nodes (link costs are noise between them) and reload every one."""
+    placement, served = coordinator.placements.get(name), coordinator.models.get(name)
+    if placement is None or served is None:
+        return None
+    newest = max(list_repository(coordinator.repo).get(name, [0]))
+    live = {m.node_id for m in coordinator.cluster.live(time.monotonic())}
+    fits = len(placement.spans) == stages and all(
+        len(s.replicas) == replicas and set(s.replicas) <= live for s in placement.spans
+    )
+    return placement if fits and served.version == str(newest) else None
+
+
+async def _routable(coordinator: Coordinator, name: str, timeout_s: float = 300) -> bool:
+    """Wait until every span of a kept placement has a live replica holding it (the upkeep
+    loads them on the members the placement names); False past ``timeout_s``."""
+    entry = coordinator.entry(name)
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            coordinator.cluster.route(name, entry.digest, len(entry.sizes),
+                                      coordinator.placements[name], time.monotonic(),
+                                      silent_ok=False)  # fmt: skip
+            return True
+        except (NoLiveReplica, ModelNotFound, KeyError):
+            if time.monotonic() > end:
+                log.warning("%s: the placement kept from the last run has no live replica of "
+                            "every span after %.0fs; placing it anew", name, timeout_s)  # fmt: skip
+                return False
+            await asyncio.sleep(0.2)
 
 
 async def _wait_for_members(

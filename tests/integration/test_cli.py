@@ -206,3 +206,31 @@ def test_a_node_that_cannot_join_says_why_at_once_and_once(tmp_path: Path) -> No
     lines = [line for line in log.splitlines() if "cannot join" in line]
     assert len(lines) == 1, log  # the reason, at once, and not again for the same reason
     assert f"127.0.0.1:{port}" in lines[0] and "retrying" in lines[0]
+
+
+def test_serve_restarted_on_its_state_dir_keeps_the_placement(tmp_path: Path) -> None:
+    """A second run on the same --state-dir serves the placement the first one pinned, as it
+    was: the same spans on the same local nodes, no re-placement (which would reload them)."""
+    from exporter.demo_model import build_demo_model
+    from exporter.export import export_model
+
+    repo = tmp_path / "models"
+    small = build_demo_model(blocks=4, hidden=32, heads=2, ffn=64, vocab=50)
+    export_model(small, repo, "enc", stages=2, min_segment_bytes=0, source_label="test")
+    args = ["serve", "--port", "0", "--nodes", "2", "--model-repo", str(repo),
+            "--state-dir", str(tmp_path / "state")]  # fmt: skip
+    ids = np.arange(6, dtype=np.int64).reshape(1, 6)
+    placements, logs = [], []
+    for _ in range(2):
+        process, url = start(args)
+        try:
+            wait_ready(url)
+            assert infer(url, "enc", {"input_ids": ids})["last_hidden_state"].shape == (1, 6, 32)
+            with urllib.request.urlopen(url + "/v2/cluster", timeout=10) as response:
+                placements.append(json.loads(response.read())["placements"]["enc"])
+        finally:
+            assert stop(process) == 0
+        logs.append(process.stderr.read() if process.stderr is not None else "")
+    assert placements[1] == placements[0], placements
+    assert "kept from the last run" not in logs[0] and "kept from the last run" in logs[1], logs[1]
+    assert "now serves" in logs[0] and "now serves" not in logs[1], logs[1][-3000:]  # no switch
