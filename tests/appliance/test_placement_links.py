@@ -89,3 +89,15 @@ def test_alike_or_unmeasured_links_give_the_placement_of_no_links() -> None:
         # links to nodes outside the ring only: nothing is known of this ring
         other = {("x", "y"): SLOW}
         assert place(segments, nodes, replicas, links=other, frontier_bytes=frontier) == plain
+
+
+def test_links_between_nodes_slowed_by_jitter_do_not_pull_two_spans_onto_one_node() -> None:
+    """Both nodes could hold both spans and the links between them measured slower than the
+    coordinator's (a busy host's jitter: seen in CI, where a model's two spans landed on one
+    node and the other held nothing): the spans stay spread, one per node."""
+    nodes = ring("ab", spans_each=2)
+    fast, jittery = LinkFigure(5e-4, 3e9), LinkFigure(6e-3, 3e9)
+    links = every_link("ab", fast) | {("a", "b"): jittery, ("b", "a"): jittery}
+    placement = place([SEGMENT] * 2, nodes, 1, 2, links=links, frontier_bytes=[1_000, 1_000])
+    assert sorted(r for s in placement.spans for r in s.replicas) == ["a", "b"], placement
+    assert place([SEGMENT] * 2, nodes, 1, 2) == placement

@@ -160,8 +160,8 @@ def test_a_version_whose_warm_up_fails_leaves_v1_serving(tmp_path: Path) -> None
         assert result.count("error") == 0 and result.count("wrong") == 0, result.errors
         assert set(result.after) == {"v1"}
         assert _digest(ring) == v1
-        for node in _cluster(ring)["nodes"]:  # v2's slots already loaded were unloaded
-            assert {s["digest"] for s in node["spans"]} == {v1}, node
+        held = [{s["digest"] for s in node["spans"]} for node in _cluster(ring)["nodes"]]
+        assert set().union(*held) == {v1}, held  # v2's slots already loaded were unloaded
     finally:
         ring.stop()
 

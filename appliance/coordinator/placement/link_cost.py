@@ -43,9 +43,6 @@ def _throughput(value: float | None) -> float | None:
     return _rounded(min(value, THROUGHPUT_CAP_BPS)) if value else None
 
 
-_LOOPBACK = LinkFigure(_latency(0.0), _throughput(THROUGHPUT_CAP_BPS))
-
-
 class LinkCost:
     def __init__(
         self,
@@ -76,11 +73,22 @@ class LinkCost:
                     _latency(figure.latency_s), _throughput(figure.throughput_bps)
                 )
         self._coordinator = len(ring)
+        # two spans on one node still hop over its loopback: it costs what the node's fastest
+        # link to another node costs, not less, so that the links never pull spans onto one
+        # node (a busy host's jitter did, leaving a node empty); their spread decides
+        self._loopback: list[LinkFigure] = []
+        for node in range(len(ring)):
+            out = [self._figures[node][q] for q in range(len(ring)) if q != node]
+            speeds_out = [f.throughput_bps for f in out if f.throughput_bps]
+            self._loopback.append(
+                LinkFigure(
+                    min((f.latency_s for f in out), default=default.latency_s),
+                    max(speeds_out, default=default.throughput_bps),
+                )
+            )
 
     def _pair(self, a: int, b: int, size: int) -> float:
-        # two spans on one node still hop over its loopback: as dear as the fastest link, so
-        # that the spread of spans over nodes, not the links, decides between the two
-        figure = self._figures[a][b] if a != b else _LOOPBACK
+        figure = self._figures[a][b] if a != b else self._loopback[a]
         transfer = size / figure.throughput_bps if figure.throughput_bps else 0.0
         return figure.latency_s + transfer
 
