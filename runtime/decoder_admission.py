@@ -22,14 +22,15 @@ class DecoderLimits:
     queue_timeout_s: float = 30.0  # the longest an open waits before its 503
     prefill_chunk_tokens: int = 64  # a prompt runs in chunks of this many tokens (0: whole)
     gather_s: float = 0.0  # a decode batch's wait for rows of the last runs (step_batcher)
+    prefill_turn_tokens: int = 256  # prompt tokens run between two decode batches (step_batcher)
     prefix_block_tokens: int = 32  # tokens per prefix-cache block (0: no prefix cache)
     prefix_recent_blocks: int = 256  # block names a heartbeat reports per span
 
     def check(self) -> None:
         if self.max_sequences < 1:
             raise ValueError(f"max_sequences must be at least 1, got {self.max_sequences}")
-        for name in ("max_queued_sequences", "prefill_chunk_tokens", "prefix_block_tokens",
-                     "prefix_recent_blocks"):  # fmt: skip
+        for name in ("max_queued_sequences", "prefill_chunk_tokens", "prefill_turn_tokens",
+                     "prefix_block_tokens", "prefix_recent_blocks"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not (math.isfinite(self.queue_timeout_s) and self.queue_timeout_s > 0):

@@ -93,7 +93,8 @@ class DecoderSlot:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decoder")
         limits = self.limits
         self.batcher = StepBatcher(span, self._executor, limits.max_sequences,
-                                   limits.prefill_chunk_tokens, limits.gather_s)  # fmt: skip
+                                   limits.prefill_chunk_tokens, limits.gather_s,
+                                   limits.prefill_turn_tokens)  # fmt: skip
 
     @property
     def name(self) -> str:

@@ -7,6 +7,11 @@ leaves when it stops stepping: no batch waits for another to drain. A prompt (a 
 tokens) runs in chunks of ``prefill_chunk_tokens``, each chunk as its own run between decode
 batches, so a long prefill delays the others' decode by one chunk at a time, never by its whole
 length (padding decode rows to a chunk's width would multiply their compute by the chunk size).
+Between two decode batches one chunk of each waiting prompt runs, up to ``prefill_turn_tokens``
+in all (at least one chunk): prompts that arrive together join the decode batch together instead
+of one per decode run (measured on SmolLM2 through ``appliance serve``: 16 streams started
+together ran a ramp of 16 decode runs of 1..15 rows before their first full batch, and as long
+a ramp down at the end).
 
 Before a decode batch runs, it waits a little for the rows that stepped in the last two runs
 and have not come back yet (``_gather``): up to ``gather_s`` or a quarter of the last run,
@@ -70,12 +75,14 @@ class StepBatcher:
         max_rows: int = 32,
         prefill_chunk_tokens: int = 64,
         gather_s: float = 0.0,
+        prefill_turn_tokens: int = 256,
     ) -> None:
         self.span = span
         self.executor = executor
         self.max_rows = max(1, max_rows)
         self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: a prompt runs whole
         self.gather_s = gather_s  # wait this long for rows of the last batch still missing
+        self.prefill_turn_tokens = prefill_turn_tokens  # prompt tokens between decode batches
         self.stats = BatchStats()
         self._decode: deque[_Work] = deque()
         self._prefill: deque[_Work] = deque()
@@ -130,8 +137,12 @@ class StepBatcher:
         while self._decode or self._prefill:
             # a prefill chunk when the previous run was a decode batch (or nothing decodes)
             if self._prefill and (self._last_was_decode or not self._decode):
-                work = self._prefill.popleft()
-                await self._run_chunk(loop, work)
+                # one chunk of each prompt waiting, up to the turn's budget (at least one)
+                spent = 0
+                for _ in range(len(self._prefill)):
+                    if not self._prefill or (spent and spent >= self.prefill_turn_tokens):
+                        break
+                    spent += await self._run_chunk(loop, self._prefill.popleft())
                 self._last_was_decode = False
             else:
                 await self._gather()
@@ -190,22 +201,25 @@ class StepBatcher:
         out = self.span.step([w.kv for w in batch], inputs)
         return [w.finish(out[row : row + 1]) for row, w in enumerate(batch)]
 
-    async def _run_chunk(self, loop: asyncio.AbstractEventLoop, work: _Work) -> None:
+    async def _run_chunk(self, loop: asyncio.AbstractEventLoop, work: _Work) -> int:
+        """Run the next chunk of ``work``'s prompt; the tokens it ran."""
         size = self.prefill_chunk_tokens or work.tokens
         end = min(work.tokens, work.done + size)
+        tokens = end - work.done
         self.stats.prefill_chunks += 1
-        self.stats.prefill_tokens += end - work.done
+        self.stats.prefill_tokens += tokens
         try:
             result = await loop.run_in_executor(self.executor, self._chunk_run, work, end)
         except BaseException as exc:
             _fail(work, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            return
+            return tokens
         if end < work.tokens:
             self._prefill.append(work)  # round robin between prompts being filled
         elif not work.future.done():
             work.future.set_result(result)
+        return tokens
 
     def _chunk_run(self, work: _Work, end: int) -> Any:
         out = self.span.step([work.kv], work.inputs[:, work.done : end])

@@ -116,6 +116,14 @@ class NodeConfig(ServerConfig):
             "batches, so it never stalls the others for its whole length (0: whole)"
         },
     )
+    prefill_turn_tokens: int = field(
+        default=256,
+        metadata={
+            "help": "generation: the most prompt tokens (whole chunks, at least one) run between "
+            "two decode batches: prompts that arrive together start decoding together, and a "
+            "decode batch waits for at most this many prompt tokens"
+        },
+    )
     decode_gather_us: int = field(
         default=3000,
         metadata={
@@ -139,6 +147,7 @@ class NodeConfig(ServerConfig):
             queue_timeout_s=self.sequence_queue_timeout_s,
             prefill_chunk_tokens=self.prefill_chunk_tokens,
             gather_s=self.decode_gather_us / 1e6,
+            prefill_turn_tokens=self.prefill_turn_tokens,
             prefix_block_tokens=self.prefix_block_tokens,
         )
 

@@ -237,3 +237,61 @@ async def test_two_halves_of_the_streams_merge_into_one_batch() -> None:
     runs = batcher.stats.decode_batches
     print(f"decode runs by rows: {dict(sorted(runs.items()))}")
     assert runs.get(8, 0) >= 15, runs  # without the wait: runs of 1 and 7 rows alternating
+
+
+async def decode_runs_while_prompts_start(turn_tokens: int) -> tuple[int, int]:
+    """8 prompts of 20 tokens arrive together while 2 streams decode: the decode runs between
+    the first prompt's first token and the last's, and the most decode runs seen in a row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime.decoder import load_decoder_span
+    from runtime.package import open_package
+    from runtime.step_batcher import StepBatcher
+
+    package = open_package(shared_tiny_package(), "tiny-llm")
+    span = load_decoder_span(package, SETTINGS, 0, LAYERS - 1)
+    executor = ThreadPoolExecutor(1)
+    batcher = StepBatcher(span, executor, max_rows=16, prefill_turn_tokens=turn_tokens)
+
+    def finish(out: np.ndarray) -> int:
+        return int(np.argmax(out[0]))
+
+    def runs() -> int:
+        return sum(batcher.stats.decode_batches.values())
+
+    done = asyncio.Event()
+
+    async def decoding(key: str) -> None:
+        kv = span.empty_kv()
+        token = await batcher.run(key, kv, np.array([[5, 6, 7]]), finish)
+        while not done.is_set():
+            token = await batcher.run(key, kv, np.array([[token]]), finish)
+
+    started: list[int] = []  # the decode runs so far when each prompt's first token came
+
+    try:
+        streams = [asyncio.create_task(decoding(f"d{i}")) for i in range(2)]
+        while runs() < 3:
+            await asyncio.sleep(0.001)
+        rng = np.random.default_rng(1)
+        futures = [batcher.submit(f"p{i}", span.empty_kv(), rng.integers(3, 300, size=(1, 20)),
+                                  finish) for i in range(8)]  # fmt: skip
+        for future in futures:
+            future.add_done_callback(lambda _: started.append(runs()))
+        await asyncio.gather(*futures)
+        done.set()
+        await asyncio.gather(*streams)
+    finally:
+        executor.shutdown()
+    return max(started) - min(started), len(started)
+
+
+async def test_prompts_that_arrive_together_start_decoding_together() -> None:
+    """One chunk of each waiting prompt runs between two decode batches (up to
+    prefill_turn_tokens): 8 prompts of 20 tokens take one turn, not 8 decode runs' time."""
+    together, count = await decode_runs_while_prompts_start(256)
+    one_by_one, _ = await decode_runs_while_prompts_start(1)
+    print(f"decode runs between the first and last of {count} prompts: {together} with a "
+          f"256-token turn, {one_by_one} one chunk per turn")  # fmt: skip
+    assert together == 0
+    assert one_by_one >= 6  # a decode run of the others between each two prompts
