@@ -2,7 +2,7 @@
 
     python -m bench.generate_batch                 # 1/4/16/32 streams x 128 new tokens, 3 rounds
     python -m bench.generate_batch --quick         # 1/4/16 streams x 32 tokens, 1 round
-    python -m bench.generate_batch --sides L,L0,O   # any of L,L0,O,P,C,S1,S3,S1-int4
+    python -m bench.generate_batch --sides L,L0,O   # any of L,L0,O,P,C,S1,S1-1by1,S3,S1-int4
 
 Side by side, rounds alternating (the order rotates each round), medians over rounds; every
 side decodes the same N prompts (ids from the package's tokenizer, or their text for a server)
@@ -26,6 +26,8 @@ greedily for exactly ``--new-tokens`` tokens, EOS ignored:
       streamed ``POST /v1/completions`` (greedy, ignore_eos), each chunk's arrival timed,
       with the default settings (a step queued behind others waits: the coordinator gives a
       chain up only when a node stops answering a probe);
+  (S1-1by1) the same as (S1) with ``--no-group-steps``, the design before grouped steps: a
+      call per sequence and step from the coordinator to the node;
   (S1-int4) the same as (S1) with the int4 package (MatMulNBits weights, block 32).
 
 Per (side, streams): aggregate tokens/s (all streams' tokens over the wall time from the first
@@ -153,10 +155,10 @@ class Serve:
     rounds."""
 
     def __init__(self, repo: Path, nodes: int, work: Path, runner: asyncio.Runner,
-                 precision: str = "fp32") -> None:  # fmt: skip
-        name = f"batch-{precision}-{nodes}"
+                 precision: str = "fp32", extra: tuple[str, ...] = ()) -> None:  # fmt: skip
+        name = f"batch-{precision}-{nodes}" + ("-" + "".join(extra).strip("-") if extra else "")
         self.server = ServeProcess(repo, PACKAGE_NAME, nodes, work / name,
-                                   work / "logs" / f"{name}.log")  # fmt: skip
+                                   work / "logs" / f"{name}.log", extra_args=extra)  # fmt: skip
         self.url = self.server.wait_listening(600)
         self.runner = runner
         self.session: Any = None
@@ -241,7 +243,7 @@ async def prefix_ttft(repo: Path, threads: int, rounds: int, system: list[int]) 
     }
 
 
-SIDES = ("L", "L0", "O", "P", "C", "S1", "S3", "S1-int4")
+SIDES = ("L", "L0", "O", "P", "C", "S1", "S1-1by1", "S3", "S1-int4")
 
 
 def make_sides(
@@ -266,6 +268,8 @@ def make_sides(
         ("P", "pytorch-batched", lambda: peers.TorchBatch(args.work, figures, say)),
         ("C", "llama.cpp-batched", lambda: peers.LlamaBatch(threads, figures)),
         ("S1", "serve-1span", lambda: Serve(repo, 1, args.work, runner)),
+        ("S1-1by1", "serve-1span-1by1",
+         lambda: Serve(repo, 1, args.work, runner, extra=("--no-group-steps",))),
         ("S3", "serve-3span", lambda: Serve(repo, 3, args.work, runner)),
         ("S1-int4", "serve-1span-int4",
          lambda: Serve(ensure_package(args.work, "int4", say), 1, args.work, runner, "int4")),

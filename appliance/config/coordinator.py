@@ -107,6 +107,14 @@ class CoordinatorConfig(ServerConfig):
             "writes wait for the client"
         },
     )
+    group_steps: bool = field(
+        default=True,
+        metadata={
+            "help": "generation: the one-token steps of sequences on the same chain that are "
+            "ready in one turn go to the nodes as one call (nodes of protocol 4); off: one "
+            "call per sequence and step"
+        },
+    )
     step_timeout_s: float = field(
         default=5.0,
         metadata={

@@ -20,6 +20,7 @@ from appliance.coordinator import switch
 from appliance.coordinator.async_jobs import JobRunner, RunJob
 from appliance.coordinator.cluster import Cluster
 from appliance.coordinator.entries import ModelEntry, open_entry
+from appliance.coordinator.generation.step_groups import StepGroups
 from appliance.coordinator.hop_batcher import HopBatcher
 from appliance.coordinator.inference import InferencePath
 from appliance.coordinator.links_view import links_view
@@ -87,6 +88,7 @@ class Coordinator:
             config.cache_models, config.cache_ttl_s
         )
         self.hop_batchers: dict[tuple[str, str], HopBatcher] = {}
+        self.step_groups = StepGroups(clients.hop)  # decode steps of one chain, one call
         self.stats: dict[tuple[str, str], ModelStats] = {}  # by model and version
         self.texts: dict[str, PackageText] = {}  # tokenizers and chat templates, by digest
         self.sequences_on: dict[PeerUrl, int] = {}  # live sequences by first-span node
@@ -159,6 +161,7 @@ class Coordinator:
         for task in self._tasks:
             task.cancel()
         await self.jobs.close()
+        await self.step_groups.close()
 
     # -- models ---------------------------------------------------------------------------
 

@@ -13,17 +13,19 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import orjson
 from aiohttp import web
 from aiohttp.helpers import ChainMapProxy
 
-from appliance.errors import BadRequest, DigestMismatch
+from appliance.errors import BadRequest, DigestMismatch, SequenceLost, UpstreamError
 from appliance.http.body import read_body
+from appliance.http.errors import status_of
 from appliance.http.server_time import COMPUTE_SECONDS
 from appliance.http.v2 import json_response, read_json_object
 from appliance.node.keys import CLIENTS, CONFIG, DECODERS, METRICS
 from appliance.ring import protocol as rp
-from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain
+from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain, call_group
 from runtime.codec import decode_request, encode_request, parse_header_length
 from runtime.decoder_registry import DecoderRegistry
 from runtime.decoder_slots import DecoderSlot
@@ -34,12 +36,19 @@ log = logging.getLogger(__name__)
 
 
 def _held(registry: DecoderRegistry, request: web.Request) -> tuple[DecoderSlot, SequenceRef]:
-    model = request.headers.get(rp.MODEL, "")
-    digest = request.headers.get(rp.DIGEST, "")
-    first, last = rp.parse_span(request.headers.get(rp.SPAN))
     sequence_id = request.headers.get(rp.SEQUENCE_ID, "")
     if not sequence_id:
         raise BadRequest(f"a sequence call needs {rp.SEQUENCE_ID}")
+    slot = _slot(registry, request)
+    model = request.headers.get(rp.MODEL, "")
+    ref = SequenceRef(model, slot.digest, sequence_id, request.headers.get(rp.REQUEST_ID, "-"))
+    return slot, ref
+
+
+def _slot(registry: DecoderRegistry, request: web.Request) -> DecoderSlot:
+    model = request.headers.get(rp.MODEL, "")
+    digest = request.headers.get(rp.DIGEST, "")
+    first, last = rp.parse_span(request.headers.get(rp.SPAN))
     try:
         slot = registry.get(rp.slot_name(model, first, last, digest))
     except ModelNotFound:
@@ -51,8 +60,7 @@ def _held(registry: DecoderRegistry, request: web.Request) -> tuple[DecoderSlot,
             f"this node holds {model} segments {first}-{last} with digest {slot.digest}, the "
             f"call asked for {digest}"
         )
-    ref = SequenceRef(model, digest, sequence_id, request.headers.get(rp.REQUEST_ID, "-"))
-    return slot, ref
+    return slot
 
 
 def _route(request: web.Request) -> tuple[list[rp.RouteStep], Any]:
@@ -115,6 +123,18 @@ def _cached_tokens(answer: bytes) -> int:
     return got if isinstance(got, int) and not isinstance(got, bool) and got >= 0 else 0
 
 
+async def _step_inputs(request: web.Request, slot: DecoderSlot) -> tuple[Any, list[str]]:
+    """The span's input tensor from a step's binary body (None if absent), and every name."""
+    state = request.config_dict
+    body = await read_body(request, state[CONFIG].max_body_bytes)
+    decoded = decode_request(
+        body,
+        parse_header_length(request.headers.get(rp.HEADER_LENGTH), len(body)),
+        state[CONFIG].max_tensor_elements,
+    )
+    return decoded.inputs.get(slot.span.input_name), list(decoded.inputs)
+
+
 async def step(request: web.Request) -> web.Response:
     state = request.config_dict
     slot, ref = _held(state[DECODERS], request)
@@ -123,17 +143,11 @@ async def step(request: web.Request) -> web.Response:
         position = int(request.headers.get(rp.POSITION, ""))
     except ValueError:
         raise BadRequest(f"a step needs {rp.POSITION}: the position of its first token") from None
-    body = await read_body(request, state[CONFIG].max_body_bytes)
-    decoded = decode_request(
-        body,
-        parse_header_length(request.headers.get(rp.HEADER_LENGTH), len(body)),
-        state[CONFIG].max_tensor_elements,
-    )
-    inputs = decoded.inputs.get(slot.span.input_name)
+    inputs, names = await _step_inputs(request, slot)
     if inputs is None:
         raise BadRequest(
             f"a step of segments {slot.first}-{slot.last} carries {slot.span.input_name}, got "
-            f"{', '.join(decoded.inputs) or 'nothing'}"
+            f"{', '.join(names) or 'nothing'}"
         )
     started = time.perf_counter()
     result = await slot.step(ref.sequence_id, position, inputs, time.monotonic())
@@ -146,6 +160,74 @@ async def step(request: web.Request) -> web.Response:
     payload, length = encode_request({slot.span.output_name: result.hidden})
     answer = await call_chain(_post(state), STEP, route, ref, deadline, payload, position, length)
     return web.Response(body=answer, content_type="application/json")
+
+
+async def steps(request: web.Request) -> web.Response:
+    """The decode steps of several sequences of this chain (``STEPS``): each row runs in this
+    span's next decode batch; the rows that go on are handed to the next span in one call."""
+    state = request.config_dict
+    slot = _slot(state[DECODERS], request)
+    route, deadline = _route(request)
+    ids = [i for i in request.headers.get(rp.SEQUENCE_ID, "").split(",") if i]
+    try:
+        positions = [int(p) for p in request.headers.get(rp.POSITION, "").split(",")]
+    except ValueError:
+        raise BadRequest(f"grouped steps need {rp.POSITION}: a position per sequence") from None
+    inputs, _ = await _step_inputs(request, slot)
+    if (
+        not ids or len(positions) != len(ids) or inputs is None
+        or inputs.ndim < 2 or inputs.shape[0] != len(ids) or inputs.shape[1] != 1
+    ):  # fmt: skip
+        raise BadRequest(
+            f"grouped steps need one sequence id, one position and one row of "
+            f"{slot.span.input_name} (one token each) per sequence; got {len(ids)} id(s), "
+            f"{len(positions)} position(s) and {slot.span.input_name} of shape "
+            f"{None if inputs is None else list(inputs.shape)}"
+        )
+    started = time.perf_counter()
+    now = time.monotonic()
+    rows = [slot.step(sid, p, inputs[k : k + 1], now)
+            for k, (sid, p) in enumerate(zip(ids, positions, strict=True))]  # fmt: skip
+    outcomes = await asyncio.gather(*rows, return_exceptions=True)
+    computed = request[COMPUTE_SECONDS] = time.perf_counter() - started
+    state[METRICS].observe_hop_compute("step", computed)
+    results: list[dict[str, Any]] = [{} for _ in ids]
+    onward: list[tuple[int, np.ndarray]] = []
+    for k, outcome in enumerate(outcomes):
+        if isinstance(outcome, asyncio.CancelledError):  # its sequence was closed meanwhile
+            results[k] = {"status": 410, "error": f"sequence {ids[k]!r} was closed while its "
+                                                  "step waited"}  # fmt: skip
+        elif isinstance(outcome, BaseException):
+            results[k] = _row_error(outcome)
+        elif outcome.hidden is None:
+            results[k] = {"token": outcome.token, "logprob": outcome.logprob}
+        elif not route:
+            results[k] = {"status": 400, "error": f"segments {slot.first}-{slot.last} are not "
+                                                  "the last: a route is needed"}  # fmt: skip
+        else:
+            onward.append((k, outcome.hidden))
+    if onward:
+        hidden = np.concatenate([h for _, h in onward], axis=0)
+        payload, length = encode_request({slot.span.output_name: hidden})
+        try:
+            answers = await call_group(
+                _post(state), route, request.headers.get(rp.MODEL, ""), slot.digest,
+                [ids[k] for k, _ in onward], [positions[k] for k, _ in onward], deadline,
+                payload, length, request.headers.get(rp.REQUEST_ID, "-"),
+            )  # fmt: skip
+        except (SequenceLost, UpstreamError) as exc:
+            answers = [_row_error(exc)] * len(onward)
+        for (k, _), answer in zip(onward, answers, strict=True):
+            results[k] = answer
+    return json_response({"results": results})
+
+
+def _row_error(exc: BaseException) -> dict[str, Any]:
+    """One row's failure, with the status its own call would have answered."""
+    if isinstance(exc, UpstreamError):
+        return {"status": exc.status, "error": str(exc)}
+    status = status_of(exc) if isinstance(exc, Exception) else None
+    return {"status": status or 500, "error": str(exc) or type(exc).__name__}
 
 
 async def sequence_close(request: web.Request) -> web.Response:
@@ -172,6 +254,7 @@ async def sequence_close(request: web.Request) -> web.Response:
 INTERNAL_ROUTES = [
     web.post("/sequence/open", sequence_open),
     web.post("/step", step),
+    web.post("/steps", steps),
     web.post("/sequence/close", sequence_close),
 ]
 

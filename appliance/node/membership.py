@@ -30,7 +30,8 @@ from runtime.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 3  # what this node speaks on /internal (2: generation; 3: relative deadlines)
+PROTOCOL_VERSION = 4  # what this node speaks on /internal (2: generation; 3: relative
+# deadlines; 4: grouped decode steps, ``appliance.ring.sequences.STEPS``)
 PACKAGE_KINDS = ("single_pass", "generation")
 
 

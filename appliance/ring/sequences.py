@@ -10,6 +10,12 @@ node of the next span and hands the answer back):
   ``X-Appliance-Position``): every span runs the new tokens at that position; the last samples
   and answers ``{"token", "logprob"}``.
 - ``POST /internal/sequence/close``: every span frees the sequence (idempotent).
+- ``POST /internal/steps`` (protocol 4): the decode steps of several sequences on one chain in
+  one call, so that a span's decode batch costs one request per hop rather than one per
+  sequence. ``X-Appliance-Sequence-Id`` and ``X-Appliance-Position`` carry comma-separated
+  lists, row k of the body's tensor is sequence k's one new token (ids [N, 1] or hidden
+  [N, 1, H]); the answer is ``{"results": [...]}`` in row order, each ``{"token",
+  "logprob"}`` or ``{"status", "error"}``: one sequence's failure is its own.
 
 Unlike a hop, a failed call is not retried on another replica: no other replica holds this
 sequence's KV (rebuilding it there is the replay of a later design).
@@ -30,6 +36,8 @@ from runtime.deadline import Deadline
 OPEN = "/internal/sequence/open"
 STEP = "/internal/step"
 CLOSE = "/internal/sequence/close"
+STEPS = "/internal/steps"
+GROUPED_STEPS_PROTOCOL = 4  # the /internal protocol from which a node answers STEPS
 
 
 @dataclass(frozen=True)
@@ -77,10 +85,11 @@ async def call_chain(
     body: bytes,
     position: int | None = None,
     header_length: int | None = None,
+    positions: str | None = None,
 ) -> bytes:
     """One call to the pinned node of ``route[0]`` with the rest of the route; its answer's
     body. A node's error answer is re-raised with its status; an unreachable node is
-    SequenceLost."""
+    SequenceLost. ``positions``: a grouped step's comma-separated positions."""
     step, rest = route[0], route[1:]
     url = step.replicas[0]
     binary = header_length is not None or path == STEP
@@ -93,6 +102,8 @@ async def call_chain(
         header_length,
         "application/octet-stream" if binary else "application/json",
     )
+    if positions is not None:
+        headers[rp.POSITION] = positions
     left = deadline.remaining()
     if left <= 0:
         raise SequenceLost(f"sequence {ref.sequence_id}: its deadline passed before {path}")
@@ -116,3 +127,33 @@ def _error_text(payload: bytes, status: int) -> str:
     if isinstance(error, dict):  # an OpenAI-shaped error passed along
         error = error.get("message")
     return str(error) if error else f"HTTP {status}"
+
+
+async def call_group(
+    post: HopPost,
+    route: list[rp.RouteStep],
+    model: str,
+    digest: str,
+    sequence_ids: list[str],
+    positions: list[int],
+    deadline: Deadline,
+    body: bytes,
+    header_length: int | None,
+    request_id: str = "-",
+) -> list[dict[str, object]]:
+    """One STEPS call for the sequences ``sequence_ids`` along ``route``: each row's result
+    (``{"token", "logprob"}`` or ``{"status", "error"}``). An unreachable node or an error
+    answer to the whole call raises as ``call_chain`` does, for every row."""
+    ref = SequenceRef(model, digest, ",".join(sequence_ids), request_id)
+    answer = await call_chain(
+        post, STEPS, route, ref, deadline, body, None, header_length,
+        positions=",".join(str(p) for p in positions),
+    )  # fmt: skip
+    try:
+        results = orjson.loads(answer)["results"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UpstreamError(502, f"a grouped step answered no results list: {exc}") from exc
+    if not isinstance(results, list) or len(results) != len(sequence_ids):
+        raise UpstreamError(502, f"a grouped step of {len(sequence_ids)} rows answered "
+                                 f"{len(results) if isinstance(results, list) else 0}")  # fmt: skip
+    return [r if isinstance(r, dict) else {"status": 502, "error": "no result"} for r in results]

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from appliance.errors import UpstreamError
-from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain
+from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain, call_group
 from runtime.codec import encode_request
 from runtime.deadline import Deadline
 from tests.conftest import RunningCoordinator, StartCoordinator
@@ -101,6 +101,42 @@ async def test_concurrent_streams_share_decode_batches_and_answer_the_greedy_tok
         runs = metric(page, "appliance_decode_batch_rows_count")
         assert runs > 0 and rows / runs > 1.5, (rows, runs)  # decode steps ran together
         assert metric(page, "appliance_generated_tokens_total") == rows
+    groups = ring.service.step_groups  # and travelled together: one call per chain and turn
+    assert groups.calls > 0 and groups.rows / groups.calls > 1.5, (groups.rows, groups.calls)
+
+
+async def test_a_grouped_step_answers_each_row_on_its_own(
+    start_coordinator: StartCoordinator, tmp_path: Path
+) -> None:
+    """Rows of one STEPS call along both spans: a sequence this chain does not hold and one
+    at a wrong position fail alone (410, 409), the others get the tokens of their own calls."""
+    ring = await start_tiny_ring(start_coordinator, tmp_path)
+    chain = Chain(ring)
+    prompts = [[5, 6, 7], [40, 41, 42, 43], [9, 9]]
+    tokens = []
+    for i, p in enumerate(prompts):
+        await chain.open(f"g{i}", {"reserve": len(p) + 4, "sampling": {"temperature": 0}})
+        tokens.append(await chain.step(f"g{i}", 0, p))
+    names = ["g0", "nobody", "g1", "g2"]
+    positions = [3, 0, 4, 7]  # g2 is at 2
+    fed = [tokens[0], 1, tokens[1], tokens[2]]
+    body, length = encode_request({"input_ids": np.array([[t] for t in fed], np.int64)})
+    results = await call_group(chain.post, chain.route, MODEL, chain.digest, names, positions,
+                               Deadline.after(30), body, length)  # fmt: skip
+    assert [r.get("status") for r in results] == [None, 410, None, 409], results
+    assert "unknown sequence 'nobody'" in str(results[1]["error"])
+    # the same steps one by one, on sequences fed alike, give the same tokens
+    for i, p in enumerate(prompts[:2]):
+        await chain.open(f"s{i}", {"reserve": len(p) + 4, "sampling": {"temperature": 0}})
+        assert await chain.step(f"s{i}", 0, p) == tokens[i]
+    assert results[0]["token"] == await chain.step("s0", 3, [tokens[0]])
+    assert results[2]["token"] == await chain.step("s1", 4, [tokens[1]])
+    with pytest.raises(UpstreamError, match="one row of input_ids") as bad:
+        await call_group(chain.post, chain.route, MODEL, chain.digest, ["g0", "g1"], [4],
+                         Deadline.after(30), body, length)  # fmt: skip
+    assert bad.value.status == 400
+    for name in ["g0", "g1", "g2", "s0", "s1"]:
+        await chain.close(name)
 
 
 async def test_opens_past_max_sequences_wait_for_a_close_and_a_full_queue_is_503(

@@ -22,7 +22,7 @@ import logging
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import numpy as np
@@ -34,7 +34,14 @@ from appliance.coordinator.generation.prefix_routing import cached_prefix, held_
 from appliance.coordinator.placement import Placement
 from appliance.errors import NoLiveReplica, SequenceLost, UpstreamError
 from appliance.ring import protocol as rp
-from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain
+from appliance.ring.sequences import (
+    CLOSE,
+    GROUPED_STEPS_PROTOCOL,
+    OPEN,
+    STEP,
+    SequenceRef,
+    call_chain,
+)
 from runtime.codec import encode_request
 from runtime.deadline import Deadline
 from runtime.errors import DeadlineExceeded
@@ -105,6 +112,7 @@ class SequenceChain:
         self.replays = 0
         self._excluded: set[str] = set()
         self._suspects: set[str] = set()  # replicas a timed-out step found unresponsive
+        self._grouped = False  # this chain's one-token steps go through c.step_groups
 
     def _new_ref(self) -> SequenceRef:
         return SequenceRef(self.entry.name, self.entry.digest, uuid.uuid4().hex, self.request_id)
@@ -136,6 +144,11 @@ class SequenceChain:
             return cached_prefix(self.prompt, holdings[index].get(url)) if self.prompt else 0
 
         chosen = choose_chain(candidates, cached, self.c.sequences_on, self._latencies(members))
+        # decode steps go grouped when every node of the chain answers grouped steps
+        self._grouped = self.c.config.group_steps and all(
+            (m := members.get(u)) is not None and m.protocol >= GROUPED_STEPS_PROTOCOL
+            for u in chosen
+        )
         return [rp.RouteStep(s.first, s.last, (u,)) for s, u in zip(route, chosen, strict=True)]
 
     def _latencies(self, members: dict[rp.PeerUrl, Member]) -> dict[tuple[str, str], float]:
@@ -234,13 +247,15 @@ class SequenceChain:
         are probed: one that does not answer is a hang (the step is given up, the chain
         lost); when all answer, the step is queued behind others on a busy node and is waited
         for, up to the request's deadline."""
-        body, length = encode_request({"input_ids": np.asarray([ids], dtype=np.int64)})
         budget = step_timeout(self.c.config.step_timeout_s, len(ids))
-        call = asyncio.ensure_future(
-            call_chain(
+        call: asyncio.Future[Any]
+        if self._grouped and len(ids) == 1:
+            call = self.c.step_groups.step(route, self.ref, self.deadline, position, ids[0])
+        else:
+            body, length = encode_request({"input_ids": np.asarray([ids], dtype=np.int64)})
+            call = asyncio.ensure_future(call_chain(
                 self.c.clients.hop, STEP, route, self.ref, self.deadline, body, position, length
-            )
-        )
+            ))  # fmt: skip
         try:
             while True:
                 done, _ = await asyncio.wait({call}, timeout=min(budget, self.deadline.remaining()))
@@ -265,7 +280,7 @@ class SequenceChain:
         finally:
             if not call.done():
                 call.cancel()
-        return int(orjson.loads(answer)["token"])
+        return int((answer if isinstance(answer, dict) else orjson.loads(answer))["token"])
 
     async def _replay(self, ids: list[int], exc: Exception) -> int:
         """A new chain without the replicas that failed, the sequence so far replayed."""
