@@ -189,3 +189,30 @@ async def test_a_shared_400_token_prefix_is_computed_once_along_the_chain(
     with pytest.raises(UpstreamError, match="prefix_ids must be") as bad:
         await chain.open("bad", {"reserve": 8, "prefix_ids": [1, "x"]})
     assert bad.value.status == 400
+
+
+async def test_steps_of_one_turn_leave_in_calls_of_at_most_64_rows(
+    start_coordinator: StartCoordinator, tmp_path: Path
+) -> None:
+    """70 sequences of one chain step in one turn: two STEPS calls (64 + 6 rows, the ids travel
+    in a header), each sequence answered its own greedy token, as a step of its own gives."""
+    from appliance.coordinator.generation.step_groups import MAX_GROUP_ROWS
+
+    ring = await start_tiny_ring(start_coordinator, tmp_path, node_settings={"max_sequences": 80})
+    chain, groups = Chain(ring), ring.service.step_groups
+    firsts = []
+    for i in range(70):
+        await chain.open(f"q{i}", {"reserve": 8, "sampling": {"temperature": 0}})
+        firsts.append(await chain.step(f"q{i}", 0, [5, 6, 7 + i % 3]))
+    calls, rows = groups.calls, groups.rows
+    futures = [groups.step(chain.route, chain.ref(f"q{i}"), Deadline.after(30), 3, firsts[i])
+               for i in range(70)]  # fmt: skip
+    answers = await asyncio.gather(*futures)
+    assert (groups.calls - calls, groups.rows - rows) == (2, 70) and MAX_GROUP_ROWS == 64
+    for k in range(3):  # sequences alike up to here answer alike, grouped or alone
+        await chain.open(f"alone{k}", {"reserve": 8, "sampling": {"temperature": 0}})
+        assert await chain.step(f"alone{k}", 0, [5, 6, 7 + k]) == firsts[k]
+        assert await chain.step(f"alone{k}", 3, [firsts[k]]) == answers[k]["token"]
+    assert all(a["token"] == answers[i % 3]["token"] for i, a in enumerate(answers))
+    for name in [f"q{i}" for i in range(70)] + [f"alone{k}" for k in range(3)]:
+        await chain.close(name)

@@ -28,6 +28,9 @@ from appliance.ring.sequences import STEP, SequenceRef, call_chain, call_group
 from runtime.codec import encode_request
 from runtime.deadline import Deadline
 
+# rows per call: their ids travel in a header (33 bytes each), under aiohttp's 8 KiB a field
+MAX_GROUP_ROWS = 64
+
 
 @dataclass
 class _Row:
@@ -61,6 +64,9 @@ class StepGroups:
         loop = asyncio.get_running_loop()
         key = (ref.model, ref.digest, rp.encode_route(route))
         group = self._open.get(key)
+        if group is not None and len(group.rows) >= MAX_GROUP_ROWS:
+            self._send(key)  # full: it goes now, the next rows start another
+            group = None
         if group is None:
             group = self._open[key] = _Group(route)
             loop.call_soon(self._send, key)  # after the callers woken in this turn
@@ -69,7 +75,9 @@ class StepGroups:
         return future
 
     def _send(self, key: tuple[str, str, str]) -> None:
-        group = self._open.pop(key)
+        group = self._open.pop(key, None)
+        if group is None:  # sent already, when it filled up
+            return
         rows = [r for r in group.rows if not r.future.done()]  # a cancelled caller's is gone
         if rows:
             task = asyncio.get_running_loop().create_task(self._call(group.route, rows))
