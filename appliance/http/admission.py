@@ -12,7 +12,9 @@ be in flight. Once per 100 ms window the controller takes the window's second-la
 ``overload_lag_ms`` (or one sample 8x above it) the limit is cut to 0.8x what is in flight,
 never below ``min_limit`` (32) and never when no more than that is in flight (lag that other
 work causes, another process on the same cores, is not cured by refusing inference); after
-a calm window (below half the target) in which the limit was reached, it grows by 10 %. It
+a calm window (below half the target) in which the limit was reached, it grows by 10 %. A
+window in which even the fastest request answered took 10x the target cuts too: a queue past
+the loop (on the nodes) that the lag does not show. It
 starts at 64, so that a sudden overload does not queue thousands before the first cut: a
 limit follows what is used, up to 4096. A request over the limit is refused before its body
 is read or decoded: 503 with Retry-After, answered from its bytes when it came whole
@@ -41,6 +43,12 @@ _START = 64  # a limit starts here and grows while it is reached and the loop is
 _IN_USE = 0.8  # a window whose peak in flight reached 0.8x the limit: the limit is in use
 _STANDING = 2  # windows in a row above the target: a queue, not a stall of another process
 _FAR_BEHIND = 8  # one sample this many times the target: cut at once
+# A window in which even the fastest request answered took this many times the lag target
+# has a standing queue past the loop (in the ring: the nodes' batchers), which the lag does
+# not show: measured on 2 cores at 2x the capacity of a faster machine, the loop lagged
+# little while admitted requests waited 2-6 s on the node. So it cuts too (a sojourn-time
+# rule, as CoDel's: the minimum, since one slow request is not a queue).
+_QUEUE_FACTOR = 10
 
 
 def governed(method: str, path: str) -> bool:
@@ -69,6 +77,7 @@ class Admission:
         self.lag_max_s = 0.0  # the largest since the last scrape
         self.lag_recent_s = 0.0  # decays by half a second: what a connection may wait on
         self._window: list[float] = []
+        self._fastest = float("inf")  # the quickest request answered in this window
         self._above = 0  # windows in a row above the target
         self._window_start = -float("inf")
         self._cut_at = -float("inf")
@@ -89,8 +98,10 @@ class Admission:
         if self.in_flight > self.peak:
             self.peak = self.in_flight
 
-    def release(self) -> None:
+    def release(self, seconds: float | None = None) -> None:
         self.in_flight -= 1
+        if seconds is not None and seconds < self._fastest:
+            self._fastest = seconds
 
     def observe(self, lag_s: float, now: float) -> None:
         """One sample of the loop's lag: the controller's only input."""
@@ -110,7 +121,10 @@ class Admission:
         self._window.clear()
         self._window_start = now
         self._above = self._above + 1 if level > self.lag_target_s else 0
-        if self._above >= _STANDING:
+        # (a window with no answer at all says nothing: the lag rule speaks for stalls)
+        queued = _QUEUE_FACTOR * self.lag_target_s < self._fastest < float("inf")
+        self._fastest = float("inf")
+        if self._above >= _STANDING or queued:
             self._cut(now, level)
         elif level < self.lag_target_s / 2 and now - self._cut_at >= _HOLD_S:
             grow = self.peak >= _IN_USE * self.limit  # grow only a limit that is reached
@@ -171,9 +185,10 @@ def admission_middleware(admission: Admission, max_body_bytes: int) -> Middlewar
             if admission.over_limit():
                 raise refuse()
         admission.enter()
+        started = time.monotonic()
         try:
             return await handler(request)
         finally:
-            admission.release()
+            admission.release(time.monotonic() - started)
 
     return middleware

@@ -192,3 +192,23 @@ async def test_over_the_limit_a_whole_request_is_refused_from_its_bytes_on_a_liv
     access = [r for r in caplog.records if r.name == "appliance.access"]
     assert access[0].getMessage().startswith('127.0.0.1 "POST /v2/models/hog/infer" 503 ')
     assert getattr(access[0], "request_id", None) == "abc-1" and len(access) == 3
+
+
+def test_a_queue_past_the_loop_is_cut_though_the_loop_is_calm() -> None:
+    """Requests waiting on the nodes do not lag the coordinator's loop: a window in which even
+    the fastest request answered took 10x the lag target cuts the limit; faster ones do not."""
+    admission = Admission(0.025, max_limit=1000, min_limit=8, start_limit=1000)
+    admission.in_flight = 100
+    now = _window(admission, 0.0, [0.001] * 11)
+    admission.in_flight += 3
+    for seconds in (0.2, 0.9, 0.4):  # the fastest 0.2 s: under 10 x 25 ms, no queue
+        admission.release(seconds)
+    now = _window(admission, now, [0.001] * 10)
+    assert admission.cuts == 0 and admission.limit == 1000
+    now = _window(admission, now, [0.001] * 10)  # no answer at all: says nothing
+    assert admission.cuts == 0
+    admission.in_flight += 3
+    for seconds in (0.3, 2.0, 6.0):  # even the fastest waited 0.3 s: a standing queue
+        admission.release(seconds)
+    now = _window(admission, now, [0.001] * 10)
+    assert admission.cuts == 1 and admission.limit == 80
