@@ -92,7 +92,7 @@ async def call_chain(
     SequenceLost. ``positions``: a grouped step's comma-separated positions."""
     step, rest = route[0], route[1:]
     url = step.replicas[0]
-    binary = header_length is not None or path == STEP
+    binary = header_length is not None or path in (STEP, STEPS)
     headers = sequence_headers(
         ref,
         step,
