@@ -92,6 +92,13 @@ class CoordinatorMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.step_rows = Histogram(
+            "appliance_generation_step_rows",
+            "decode steps per call to a chain's first node (more than one: steps grouped)",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.stalled_streams = Counter(
             "appliance_generation_stalled_streams",
             "streams ended because their client read nothing for stream_write_timeout_s",

@@ -88,7 +88,10 @@ class Coordinator:
             config.cache_models, config.cache_ttl_s
         )
         self.hop_batchers: dict[tuple[str, str], HopBatcher] = {}
-        self.step_groups = StepGroups(clients.hop)  # decode steps of one chain, one call
+        # decode steps of one chain, one call
+        self.step_groups = StepGroups(
+            clients.hop, lambda model, rows: m.step_rows.labels(model).observe(rows)
+        )
         self.stats: dict[tuple[str, str], ModelStats] = {}  # by model and version
         self.texts: dict[str, PackageText] = {}  # tokenizers and chat templates, by digest
         self.sequences_on: dict[PeerUrl, int] = {}  # live sequences by first-span node

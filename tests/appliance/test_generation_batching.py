@@ -103,6 +103,11 @@ async def test_concurrent_streams_share_decode_batches_and_answer_the_greedy_tok
         assert metric(page, "appliance_generated_tokens_total") == rows
     groups = ring.service.step_groups  # and travelled together: one call per chain and turn
     assert groups.calls > 0 and groups.rows / groups.calls > 1.5, (groups.rows, groups.calls)
+    async with ring.nodes[0].client.get(ring.url + "/metrics") as r:
+        page = await r.text()
+    steps = metric(page, "appliance_generation_step_rows_sum")  # the decode steps, every one
+    calls = metric(page, "appliance_generation_step_rows_count")
+    assert steps == len(prompts) * 11 and calls < steps, (steps, calls)
 
 
 async def test_a_grouped_step_answers_each_row_on_its_own(

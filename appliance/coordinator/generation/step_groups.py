@@ -15,6 +15,7 @@ always go alone: a row of a group waits for the slowest row, and a prompt's chun
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +49,9 @@ class _Group:
 
 
 class StepGroups:
-    def __init__(self, post: HopPost) -> None:
+    def __init__(self, post: HopPost, on_call: Callable[[str, int], None] | None = None) -> None:
         self.post = post
+        self.on_call = on_call  # (model, rows) of each decode-step call, single ones included
         self.calls = 0  # STEPS calls sent
         self.rows = 0  # steps they carried
         self._open: dict[tuple[str, str, str], _Group] = {}
@@ -88,6 +90,8 @@ class StepGroups:
         ids = np.asarray([[r.token] for r in rows], dtype=np.int64)
         body, length = encode_request({"input_ids": ids})
         deadline = max((r.deadline for r in rows), key=lambda d: d.remaining())
+        if self.on_call is not None:
+            self.on_call(rows[0].ref.model, len(rows))
         try:
             if len(rows) == 1:
                 row = rows[0]
