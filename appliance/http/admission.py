@@ -12,19 +12,22 @@ be in flight. Once per 100 ms window the controller takes the window's second-la
 ``overload_lag_ms`` (or one sample 8x above it) the limit is cut to 0.8x what is in flight,
 never below ``min_limit`` (32) and never when no more than that is in flight (lag that other
 work causes, another process on the same cores, is not cured by refusing inference); after
-a calm window (below half the target) in which the limit was reached, it grows by 10 %. A
-window in which even the fastest request answered took 10x the target cuts too: a queue past
-the loop (on the nodes) that the lag does not show. It
-starts at 64, so that a sudden overload does not queue thousands before the first cut: a
-limit follows what is used, up to 4096. A request over the limit is refused before its body
-is read or decoded: 503 with Retry-After, answered from its bytes when it came whole
-(``fast_refusal``); a request under it reads its body before it counts in flight (a
+a calm window (below half the target) in which the limit was reached, it grows by 10 %.
+
+The lag does not show a queue past the loop (on the nodes): so a window in which even the
+fastest successful answer of one model (its path) took 8x that model's fastest of the last
+30 s, and more than the target, cuts too, and one past half that does not grow the limit.
+The limit starts at 64, so that a sudden overload does not queue thousands before the first
+cut: a limit follows what is used, up to 4096. A request over the limit is refused before
+its body is read or decoded: 503 with Retry-After, answered from its bytes when it came
+whole (``fast_refusal``); a request under it reads its body before it counts in flight (a
 trickling body is the connection tracker's to end). Only ``POST .../infer`` is governed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 
@@ -43,18 +46,61 @@ _START = 64  # a limit starts here and grows while it is reached and the loop is
 _IN_USE = 0.8  # a window whose peak in flight reached 0.8x the limit: the limit is in use
 _STANDING = 2  # windows in a row above the target: a queue, not a stall of another process
 _FAR_BEHIND = 8  # one sample this many times the target: cut at once
-# A window in which even the fastest request answered took this many times the lag target
-# has a standing queue past the loop (in the ring: the nodes' batchers), which the lag does
-# not show: measured on 2 cores at 2x the capacity of a faster machine, the loop lagged
-# little while admitted requests waited 2-6 s on the node. So it cuts too (a sojourn-time
-# rule, as CoDel's: the minimum, since one slow request is not a queue).
-_QUEUE_FACTOR = 10
+# A window in which even the fastest request answered took this many times the fastest of
+# the last _FLOOR_S (and more than the lag target) has a standing queue past the loop (in the
+# ring: the nodes' batchers), which the lag does not show: measured on 2 cores at 2x the
+# capacity, the loop lagged little while admitted requests waited 0.2-6 s on the node. So it
+# cuts too (a sojourn-time rule, as CoDel's: the minimum, since one slow request is not a
+# queue; relative, since a model whose every answer takes 300 ms has no queue at 300 ms).
+# 8, not less: a batch of 32 answers later than one row, and at 4 the 2x run held the limit
+# at min_limit and admitted 0.65x the capacity; at 8, 1.04-1.18x with p99 2.1-2.9x half load.
+_QUEUE_FACTOR = 8
+_FLOOR_S = 30  # the floor: the fastest answer of so many seconds (long enough to span a surge)
 
 
 def governed(method: str, path: str) -> bool:
     """Whether a request is an inference request, the ones admission limits. Generation
     (long-lived streams, with their own KV budget) is left to its own admission for now."""
     return method == "POST" and path.startswith("/v2/models/") and path.endswith("/infer")
+
+
+class AnswerFloors:
+    """Per key (a model's path), the fastest answer of the current window and of each second
+    of the last _FLOOR_S: the floor is what an answer costs with no queue, measured."""
+
+    def __init__(self) -> None:
+        self._window: dict[str, float] = {}
+        self._seconds: dict[str, collections.deque[tuple[int, float]]] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        if seconds < self._window.get(key, float("inf")):
+            self._window[key] = seconds
+
+    def floor(self, key: str) -> float:
+        return min((fastest for _, fastest in self._seconds.get(key, ())), default=0.0)
+
+    def close_window(self, now: float) -> tuple[float, float] | None:
+        """The window's (fastest, floor) of the key furthest above its floor, then a new
+        window; None for a window with no answer (it says nothing: the lag speaks for
+        stalls). A key unanswered for _FLOOR_S is forgotten."""
+        second = int(now)
+        for key, fastest in self._window.items():
+            slots = self._seconds.setdefault(key, collections.deque())
+            if slots and slots[-1][0] == second:
+                slots[-1] = (second, min(fastest, slots[-1][1]))
+            else:
+                slots.append((second, fastest))
+        for key in list(self._seconds):
+            slots = self._seconds[key]
+            while slots and slots[0][0] <= second - _FLOOR_S:
+                slots.popleft()
+            if not slots:
+                del self._seconds[key]
+        behind = max(
+            self._window.items(), key=lambda kv: kv[1] / max(self.floor(kv[0]), 1e-9), default=None
+        )
+        self._window.clear()
+        return None if behind is None else (behind[1], self.floor(behind[0]))
 
 
 class Admission:
@@ -77,7 +123,9 @@ class Admission:
         self.lag_max_s = 0.0  # the largest since the last scrape
         self.lag_recent_s = 0.0  # decays by half a second: what a connection may wait on
         self._window: list[float] = []
-        self._fastest = float("inf")  # the quickest request answered in this window
+        self.answers = AnswerFloors()
+        self.fastest_s = 0.0  # of the last window with answers, for the model most behind
+        self.floor_s = 0.0  # and that model's floor
         self._above = 0  # windows in a row above the target
         self._window_start = -float("inf")
         self._cut_at = -float("inf")
@@ -98,10 +146,12 @@ class Admission:
         if self.in_flight > self.peak:
             self.peak = self.in_flight
 
-    def release(self, seconds: float | None = None) -> None:
+    def release(self, seconds: float | None = None, key: str = "") -> None:
+        """One request done; ``seconds`` for one answered as asked (2xx), by ``key`` (its
+        path: the queue rule compares a model's answers with its own)."""
         self.in_flight -= 1
-        if seconds is not None and seconds < self._fastest:
-            self._fastest = seconds
+        if seconds is not None:
+            self.answers.add(key, seconds)
 
     def observe(self, lag_s: float, now: float) -> None:
         """One sample of the loop's lag: the controller's only input."""
@@ -121,13 +171,16 @@ class Admission:
         self._window.clear()
         self._window_start = now
         self._above = self._above + 1 if level > self.lag_target_s else 0
-        # (a window with no answer at all says nothing: the lag rule speaks for stalls)
-        queued = _QUEUE_FACTOR * self.lag_target_s < self._fastest < float("inf")
-        self._fastest = float("inf")
-        if self._above >= _STANDING or queued:
+        answered = self.answers.close_window(now)
+        if answered is not None:
+            self.fastest_s, self.floor_s = answered
+        fastest, floor = answered or (0.0, 0.0)
+        queue = max(_QUEUE_FACTOR * floor, self.lag_target_s)  # a fastest this slow
+        if self._above >= _STANDING or fastest > queue:
             self._cut(now, level)
         elif level < self.lag_target_s / 2 and now - self._cut_at >= _HOLD_S:
-            grow = self.peak >= _IN_USE * self.limit  # grow only a limit that is reached
+            # grow only a limit that is reached, and not while answers slow towards a queue
+            grow = self.peak >= _IN_USE * self.limit and not fastest > queue / 2
             self.limit = min(float(self.max_limit), self.limit * _GROW + 1) if grow else self.limit
         self.peak = self.in_flight
 
@@ -186,9 +239,13 @@ def admission_middleware(admission: Admission, max_body_bytes: int) -> Middlewar
                 raise refuse()
         admission.enter()
         started = time.monotonic()
+        answered: float | None = None
         try:
-            return await handler(request)
+            response = await handler(request)
+            if response.status < 300:  # errors and refusals say nothing of the queue
+                answered = time.monotonic() - started
+            return response
         finally:
-            admission.release(time.monotonic() - started)
+            admission.release(answered, request.path)
 
     return middleware

@@ -85,13 +85,17 @@ class GuardCollector(Collector):
         state = GaugeMetricFamily(
             "appliance_admission",
             "admission: limit and in_flight of inference requests, lag_seconds of the loop "
-            "(last sample), lag_max_seconds (the largest since the last scrape)",
+            "(last sample), lag_max_seconds (the largest since the last scrape), "
+            "fastest_seconds (the quickest answer of the last window with answers), "
+            "floor_seconds (the quickest of the last 30 s: a queue is 8x that)",
             labels=["what"],
         )
         state.add_metric(["limit"], admission.limit)
         state.add_metric(["in_flight"], admission.in_flight)
         state.add_metric(["lag_seconds"], admission.lag_s)
         state.add_metric(["lag_max_seconds"], admission.lag_max_s)
+        state.add_metric(["fastest_seconds"], admission.fastest_s)
+        state.add_metric(["floor_seconds"], admission.floor_s)
         admission.lag_max_s = admission.lag_s
         yield state
         repeat = log_limits.installed()

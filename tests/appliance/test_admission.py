@@ -194,21 +194,62 @@ async def test_over_the_limit_a_whole_request_is_refused_from_its_bytes_on_a_liv
     assert getattr(access[0], "request_id", None) == "abc-1" and len(access) == 3
 
 
+def _answers(admission: Admission, seconds: list[float]) -> None:
+    admission.in_flight += len(seconds)
+    for s in seconds:
+        admission.release(s)
+
+
 def test_a_queue_past_the_loop_is_cut_though_the_loop_is_calm() -> None:
     """Requests waiting on the nodes do not lag the coordinator's loop: a window in which even
-    the fastest request answered took 10x the lag target cuts the limit; faster ones do not."""
+    the fastest request answered took 8x the fastest of the last 30 s (and more than the lag
+    target) cuts the limit; faster ones do not, nor does a window with no answer."""
     admission = Admission(0.025, max_limit=1000, min_limit=8, start_limit=1000)
     admission.in_flight = 100
     now = _window(admission, 0.0, [0.001] * 11)
-    admission.in_flight += 3
-    for seconds in (0.2, 0.9, 0.4):  # the fastest 0.2 s: under 10 x 25 ms, no queue
-        admission.release(seconds)
+    _answers(admission, [0.010, 0.05, 0.2])  # the floor: 10 ms
+    now = _window(admission, now, [0.001] * 10)
+    _answers(admission, [0.07, 0.9, 0.4])  # the fastest 70 ms: under 8 x 10 ms, no queue
     now = _window(admission, now, [0.001] * 10)
     assert admission.cuts == 0 and admission.limit == 1000
+    assert admission.floor_s == 0.010 and admission.fastest_s == 0.07
     now = _window(admission, now, [0.001] * 10)  # no answer at all: says nothing
     assert admission.cuts == 0
-    admission.in_flight += 3
-    for seconds in (0.3, 2.0, 6.0):  # even the fastest waited 0.3 s: a standing queue
-        admission.release(seconds)
+    _answers(admission, [0.09, 2.0, 6.0])  # even the fastest waited 90 ms: a standing queue
     now = _window(admission, now, [0.001] * 10)
     assert admission.cuts == 1 and admission.limit == 80
+
+
+def test_a_model_whose_every_answer_is_slow_has_no_queue_until_its_answers_slow_down() -> None:
+    """The queue rule is relative: answers of 0.3-0.5 s from a slow model, for a minute, cut
+    nothing; once the 30 s the floor spans have passed, its own fastest is the floor."""
+    admission = Admission(0.025, max_limit=1000, min_limit=8, start_limit=1000)
+    admission.in_flight = 100
+    now = _window(admission, 0.0, [0.001] * 11)
+    for i in range(500):  # 60 s of windows
+        _answers(admission, [0.3 + 0.2 * (i % 2), 0.6])
+        now = _window(admission, now, [0.001] * 10)
+    assert admission.cuts == 0 and admission.floor_s == 0.3
+    _answers(admission, [2.5, 3.0])  # over 8 x 0.3 s: queued
+    _window(admission, now, [0.001] * 10)
+    assert admission.cuts == 1
+
+
+def test_each_model_is_compared_with_its_own_floor() -> None:
+    """A fast model's 5 ms answers do not make a slow model's steady 0.3 s a queue; the slow
+    model's answers slowing to 8x its own floor do, though the fast model still answers."""
+    admission = Admission(0.025, max_limit=1000, min_limit=8, start_limit=1000)
+    admission.in_flight = 100
+    now = _window(admission, 0.0, [0.001] * 11)
+    fast, slow = "/v2/models/fast/infer", "/v2/models/slow/infer"
+    for _ in range(20):
+        admission.in_flight += 2
+        admission.release(0.005, fast)
+        admission.release(0.3, slow)
+        now = _window(admission, now, [0.001] * 10)
+    assert admission.cuts == 0
+    admission.in_flight += 2
+    admission.release(0.005, fast)
+    admission.release(2.5, slow)
+    _window(admission, now, [0.001] * 10)
+    assert admission.cuts == 1 and (admission.fastest_s, admission.floor_s) == (2.5, 0.3)
