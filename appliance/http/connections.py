@@ -133,6 +133,11 @@ class ConnectionTracker:
         self.members = 0
         self.opened = 0
         self.closed: Counter[str] = Counter()
+        # imported now, not when shedding: out of descriptors (EMFILE, when it sheds most),
+        # a first import cannot open the module's file, and the accept loop then spun on it
+        from appliance.http.shedding import victim_for_room  # it reads this module's phases
+
+        self._victim_for_room = victim_for_room
 
     # --- what the protocol wrapper reports ------------------------------------------------
 
@@ -283,12 +288,10 @@ class ConnectionTracker:
 
     def shed(self, count: int, now: float | None = None) -> int:
         """Close up to ``count`` connections to make room, in ``shedding.py``'s order."""
-        from appliance.http.shedding import victim_for_room  # it reads this module's phases
-
         now = self.clock() if now is None else now
         shed = 0
         while shed < count:
-            victim, reason = victim_for_room(self, now)
+            victim, reason = self._victim_for_room(self, now)
             if victim is None:
                 break
             self.close(victim, reason)

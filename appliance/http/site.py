@@ -222,8 +222,10 @@ class Listener(asyncio.AbstractServer):
             except OSError as exc:
                 if exc.errno not in _OUT_OF_RESOURCES:
                     raise
-                ACCEPT_ERRORS.failed(exc, self._tracker)
-                self._pause(_EMFILE_PAUSE_S)
+                try:  # paused whatever shedding does: a reader left on would spin
+                    ACCEPT_ERRORS.failed(exc, self._tracker)
+                finally:
+                    self._pause(_EMFILE_PAUSE_S)
                 return
             if self._tracker.full() and not self._tracker.make_room():
                 # nothing may make room: this newcomer goes (a reset, counted), the rest of
