@@ -112,5 +112,9 @@ class AccessLogger(AbstractAccessLogger):
             response.status,
             response.body_length,
             time * 1000,
-            extra={"request_id": response.headers.get(REQUEST_ID_HEADER)},
+            extra={
+                "request_id": response.headers.get(REQUEST_ID_HEADER),
+                # a body that never came whole: one line per interval says how many (any path)
+                **({"repeat_key": "408"} if response.status == 408 else {}),
+            },
         )
