@@ -2,7 +2,7 @@
 
     python -m bench.generate_batch                 # 1/4/16/32 streams x 128 new tokens, 3 rounds
     python -m bench.generate_batch --quick         # 1/4/16 streams x 32 tokens, 1 round
-    python -m bench.generate_batch --sides L,L0,O   # any of L,L0,O,P,C,S1,S1-1by1,S3,S1-int4
+    python -m bench.generate_batch --sides L,L0,O   # any of SIDES (L-int4, S1-int4 included)
 
 Side by side, rounds alternating (the order rotates each round), medians over rounds; every
 side decodes the same N prompts (ids from the package's tokenizer, or their text for a server)
@@ -28,7 +28,8 @@ greedily for exactly ``--new-tokens`` tokens, EOS ignored:
       chain up only when a node stops answering a probe);
   (S1-1by1) the same as (S1) with ``--no-group-steps``, the design before grouped steps: a
       call per sequence and step from the coordinator to the node;
-  (S1-int4) the same as (S1) with the int4 package (MatMulNBits weights, block 32).
+  (S1-int4) the same as (S1) with the int4 package (MatMulNBits weights, block 32);
+  (L-int4) (L) on that int4 package: S1-int4's own limit (``int4_ratio_to_int4_limit``).
 
 Per (side, streams): aggregate tokens/s (all streams' tokens over the wall time from the first
 request to the last token), p50/p99 inter-token latency (gaps between a stream's tokens, over
@@ -243,7 +244,7 @@ async def prefix_ttft(repo: Path, threads: int, rounds: int, system: list[int]) 
     }
 
 
-SIDES = ("L", "L0", "O", "P", "C", "S1", "S1-1by1", "S3", "S1-int4")
+SIDES = ("L", "L0", "O", "P", "C", "S1", "S1-1by1", "S3", "S1-int4", "L-int4")
 
 
 def make_sides(
@@ -273,6 +274,8 @@ def make_sides(
         ("S3", "serve-3span", lambda: Serve(repo, 3, args.work, runner)),
         ("S1-int4", "serve-1span-int4",
          lambda: Serve(ensure_package(args.work, "int4", say), 1, args.work, runner, "int4")),
+        ("L-int4", "limit-inproc-batched-int4",
+         lambda: Limit(ensure_package(args.work, "int4", say), threads)),
     ]  # fmt: skip
     for key, name, make in makers:
         if key not in wanted:

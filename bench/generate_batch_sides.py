@@ -38,6 +38,11 @@ LABELS = {
     "serve-1span-1by1": ("S1-1by1", "the same, a call per sequence and step (before)", "fp32"),
     "serve-3span": ("S3", "appliance serve, 3 nodes (3 spans)", "fp32"),
     "serve-1span-int4": ("S1-int4", "appliance serve, 1 node (1 span)", "int4"),
+    "limit-inproc-batched-int4": (
+        "L-int4",
+        "appliance DecoderSpan in process (batched limit)",
+        "int4",
+    ),  # fmt: skip
 }
 
 
@@ -145,6 +150,8 @@ def summarise(
         "medians": table,
         "ratio_to_limit": over("limit-inproc-batched"),
         "ratio_to_optimum_limit": over("limit-optimum-batched"),
+        # the int4 server against the int4 limit (the ratios above are against fp32's)
+        "int4_ratio_to_int4_limit": over("limit-inproc-batched-int4").get("serve-1span-int4"),
         "scaling_vs_1_stream": {
             name: {
                 n: round(row["aggregate_tok_s"] / rows["1"]["aggregate_tok_s"], 2)
