@@ -253,3 +253,33 @@ def test_each_model_is_compared_with_its_own_floor() -> None:
     admission.release(2.5, slow)
     _window(admission, now, [0.001] * 10)
     assert admission.cuts == 1 and (admission.fastest_s, admission.floor_s) == (2.5, 0.3)
+
+
+async def _slow_or_bad(request: web.Request) -> web.Response:
+    if request.query.get("bad"):
+        return web.json_response({"error": "bad input"}, status=400)  # answered at once
+    await asyncio.sleep(0.05)
+    return web.Response(text="{}")
+
+
+async def test_only_answers_given_as_asked_set_a_models_floor() -> None:
+    """Through a real server: a model's fast 400s are not its floor (they would make its
+    every real answer look queued), and each path keeps its own."""
+    app = new_app(ServerConfig(overload_lag_ms=25))
+    app.add_routes([web.post("/v2/models/{name}/infer", _slow_or_bad)])
+    runner, port = await start_app(app, "127.0.0.1", 0)
+    admission = app[GUARDS].admission
+    url = f"http://127.0.0.1:{port}/v2/models/%s/infer"
+    try:
+        async with aiohttp.ClientSession() as client:
+            for query in ("?bad=1", "", "?bad=1", ""):
+                async with client.post(url % "a" + query, data=b"{}") as response:
+                    assert response.status == (400 if query else 200)
+            async with client.post(url % "b" + "?bad=1", data=b"{}") as response:
+                assert response.status == 400
+        await asyncio.sleep(0.25)  # the controller closes its windows
+        floor_a = admission.answers.floor("/v2/models/a/infer")
+        assert 0.05 <= floor_a < 1.0, floor_a
+        assert admission.answers.floor("/v2/models/b/infer") == 0.0  # never answered as asked
+    finally:
+        await runner.cleanup()
