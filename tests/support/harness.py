@@ -51,6 +51,27 @@ def _start(
     return process, match.group(0)
 
 
+def coordinator_args(repo: Path, work: Path, port: int, *extra: str) -> list[str]:
+    """The command line of a test ring's coordinator: short node timeouts and attempts, so
+    that faults show within a test's time (the harnesses on loopback and on test hosts)."""
+    return [
+        "coordinator",
+        "--model-repo",
+        str(repo),
+        "--port",
+        str(port),
+        "--state-dir",
+        str(work / "coordinator"),
+        "--node-timeout-s",
+        "2",
+        "--min-attempt-s",
+        "0.5",
+        "--log-level",
+        "info",
+        *extra,
+    ]
+
+
 def http(
     method: str, url: str, body: Any = None, timeout: float = 30, token: str = ""
 ) -> tuple[int, Any]:
@@ -96,23 +117,7 @@ class Ring:
 
     def start_coordinator(self, *extra: str) -> None:
         self.coordinator, _ = _start(
-            [
-                "coordinator",
-                "--model-repo",
-                str(self.repo),
-                "--port",
-                str(self.coordinator_port),
-                "--state-dir",
-                str(self.work / "coordinator"),
-                "--node-timeout-s",
-                "2",
-                "--min-attempt-s",
-                "0.5",
-                "--log-level",
-                "info",
-                *self._signing(),
-                *extra,
-            ],
+            coordinator_args(self.repo, self.work, self.coordinator_port, *self._signing(), *extra),
             self.work / "coordinator.log",
         )
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.faults.common import Load, answer_matches, make_repo, post
-from tests.support.harness import http
+from tests.support.harness import coordinator_args, http
 from tests.support.hosts_clock import clock_offset_env
 from tests.support.hosts_net import Hosts, unavailable_reason
 
@@ -123,25 +123,9 @@ class HostRing:
         address = self.hosts[self.coordinator_host].address
         self.coordinator = self._start(
             self.coordinator_host,
-            [
-                "coordinator",
-                "--host",
-                address,
-                "--port",
-                str(COORDINATOR_PORT),
-                "--model-repo",
-                str(self.repo),
-                "--state-dir",
-                str(self.work / "coordinator"),
-                "--node-timeout-s",
-                "2",
-                "--min-attempt-s",
-                "0.5",
-                "--log-level",
-                "info",
-                *self.tls(),
-                *extra,
-            ],
+            coordinator_args(
+                self.repo, self.work, COORDINATOR_PORT, "--host", address, *self.tls(), *extra
+            ),
             self.work / "coordinator.log",
         )
 

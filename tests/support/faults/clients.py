@@ -31,7 +31,7 @@ from tests.support.faults.common import (
     timed,
     token_rows,
 )
-from tests.support.harness import Ring
+from tests.support.harness import Ring, coordinator_args
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -41,24 +41,8 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def _start_coordinator(ring: Ring, nofile: str, *extra: str) -> None:
     """As ``Ring.start_coordinator``, under ``prlimit --nofile=SOFT:HARD`` when given."""
-    args = [
-        "coordinator",
-        "--model-repo",
-        str(ring.repo),
-        "--port",
-        str(ring.coordinator_port),
-        "--state-dir",
-        str(ring.work / "coordinator"),
-        "--node-timeout-s",
-        "2",
-        "--min-attempt-s",
-        "0.5",
-        "--log-level",
-        "info",
-        "--cluster-secrets-file",
-        str(ring.secrets_file),
-        *extra,
-    ]
+    secrets = ["--cluster-secrets-file", str(ring.secrets_file)]
+    args = coordinator_args(ring.repo, ring.work, ring.coordinator_port, *secrets, *extra)
     prefix = ["prlimit", f"--nofile={nofile}"] if nofile else []
     log = open(ring.work / "coordinator.log", "a")  # noqa: SIM115 - the process owns it
     process = subprocess.Popen(
