@@ -101,3 +101,20 @@ def test_links_between_nodes_slowed_by_jitter_do_not_pull_two_spans_onto_one_nod
     placement = place([SEGMENT] * 2, nodes, 1, 2, links=links, frontier_bytes=[1_000, 1_000])
     assert sorted(r for s in placement.spans for r in s.replicas) == ["a", "b"], placement
     assert place([SEGMENT] * 2, nodes, 1, 2) == placement
+
+
+def test_a_node_slow_on_every_link_still_gets_a_span_while_others_would_double_up() -> None:
+    """Nodes that could each hold two spans, and one (c) probed while its host was busy:
+    every link to and from it measured slow. Before, its neighbours took two spans each way
+    round it (the cheaper links) and c held nothing (seen in CI); the spread comes first."""
+    fast, jittery = LinkFigure(5e-4, 3e9), LinkFigure(6e-3, 3e9)
+
+    def held(names: str) -> list[str]:
+        links = {pair: jittery if "c" in pair else fast for pair in every_link(names, fast)}
+        placement = place([SEGMENT] * 3, ring(names, spans_each=2), 1, 3, links=links,
+                          frontier_bytes=[1_000] * 3)  # fmt: skip
+        return sorted(r for s in placement.spans for r in s.replicas)
+
+    assert held("abc") == ["a", "b", "c"]
+    # with four nodes and three spans the slow node is the one left out
+    assert held("abcd") == ["a", "b", "d"]

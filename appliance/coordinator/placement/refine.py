@@ -19,11 +19,18 @@ from appliance.coordinator.placement.search import (
 
 
 class Refiner:
-    """Among placements with the optimal split size, prefer (1) the least cost of the cuts on
-    the links they cross, where links are measured (``link_cost``: the largest frontier kept
-    off the slowest link), (2) consecutive spans on ring neighbours, (3) the smallest max over
-    nodes of bytes held / throughput, so heavy spans land on fast nodes and spans spread out.
-    Branch and bound, pruned by the exact search."""
+    """Among placements with the optimal split size, prefer (1) the most nodes in use (a node
+    holds a second span only when no node is left without one), (2) the least cost of the cuts
+    on the links they cross, where links are measured (``link_cost``: the largest frontier kept
+    off the slowest link), (3) consecutive spans on ring neighbours, (4) the smallest max over
+    nodes of bytes held / throughput, so heavy spans land on fast nodes.
+    Branch and bound, pruned by the exact search.
+
+    Spread comes before the links because link figures on one busy host are jitter: a node
+    whose probes ran while the host was loading looked slow on every link, and its spans went
+    onto its neighbours, leaving it empty (seen in CI). An idle node is memory for KV and
+    compute lost for as long as the placement lasts; the links still choose which cuts cross
+    which links, and which nodes stay out when there are more nodes than replica slots."""
 
     def __init__(
         self,
@@ -37,14 +44,15 @@ class Refiner:
         self.fallback = fallback
         self.links = links
         self.best: list[_Span] | None = None
-        self.best_key: tuple[float, int, float] = (math.inf, 1, math.inf)
+        self.best_key: tuple[float, float, int, float] = (math.inf, math.inf, 1, math.inf)
         self.steps = _REFINE_STEPS
+        self.held = [0] * planner.m  # spans per node on the branch being searched
 
     def run(self) -> list[_Span]:
         p = self.p
         self.search.steps = _CHECK_STEPS  # for the feasibility checks it prunes with
         with contextlib.suppress(_OutOfSteps):  # keep the best found within the effort cap
-            self._dfs(0, self.search.k, list(p.budgets), (), [], 0, [0.0] * p.m, 0.0)
+            self._dfs(0, self.search.k, list(p.budgets), (), [], 0, [0.0] * p.m, 0.0, 0)
         if self.best is None:
             return self.fallback
         return self.best
@@ -66,25 +74,26 @@ class Refiner:
         adjacency: int,
         load: list[float],
         cost: float,
+        doubled: int,
     ) -> None:
         p = self.p
         cost = round(cost)  # in COST_QUANTUM_S: costs closer than that are equal
         if left == 0:
-            key = (cost, -adjacency, max(load))
+            key = (doubled, cost, -adjacency, max(load))
             if key < self.best_key:
                 self.best, self.best_key = list(spans), key
             return
         self.steps -= 1
         if self.steps < 0:
             raise _OutOfSteps
-        # costs only grow along a branch: one already dearer than the best cannot win, one as
-        # dear can win only on adjacency and load
-        if cost > self.best_key[0]:
+        # doubled-up slots and costs only grow along a branch: one already worse than the best
+        # on them cannot win, one as good can win only on adjacency and load
+        best = self.best_key
+        if (doubled, cost) > (best[0], best[1]):
             return
         bound = adjacency + p.r * (left if spans else left - 1)
-        if cost == self.best_key[0] and (
-            -bound > self.best_key[1]
-            or (-bound == self.best_key[1] and max(load) >= self.best_key[2])
+        if (doubled, cost) == (best[0], best[1]) and (
+            -bound > best[2] or (-bound == best[2] and max(load) >= best[3])
         ):
             return
         successors = {(q + 1) % p.m for q in previous if (q + 1) % p.m != q}
@@ -94,23 +103,31 @@ class Refiner:
             room = [q for q in range(p.m) if free[q] >= need]
             combos = sorted(
                 itertools.combinations(room, p.r),
-                key=lambda c: (-len(successors.intersection(c)), -sum(p.speed[q] for q in c), c),
+                key=lambda c: (
+                    sum(1 for q in c if self.held[q]),  # nodes already holding a span: last
+                    -len(successors.intersection(c)),
+                    -sum(p.speed[q] for q in c),
+                    c,
+                ),
             )
             for combo in combos:
                 for q in combo:
                     free[q] -= need
                 if self.search.reach(last + 1, left - 1, tuple(sorted(free))):
                     gained = _gain(previous, combo, p.m)
+                    again = sum(1 for q in combo if self.held[q])
                     before = [load[q] for q in combo]
                     for q in combo:
                         load[q] += span_bytes / p.speed[q]
+                        self.held[q] += 1
                     spans.append((first, last, combo))
                     added = self._link_cost(previous, combo, first)
                     self._dfs(last + 1, left - 1, free, combo, spans, adjacency + gained, load,
-                              cost + added)  # fmt: skip
+                              cost + added, doubled + again)  # fmt: skip
                     spans.pop()
                     for q, value in zip(combo, before, strict=True):
                         load[q] = value
+                        self.held[q] -= 1
                 for q in combo:
                     free[q] += need
 
