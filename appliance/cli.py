@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", type=Path, help="TOML file with CoordinatorConfig keys")
     serve.add_argument("--nodes", type=int, default=3, help="local node processes (default 3)")
+    serve.add_argument(
+        "--node-config",
+        type=Path,
+        help="TOML file with NodeConfig keys for the local nodes (what serve sets for them wins: "
+        "address, join, id, model folder, threads, memory share, log level, TLS, tokens)",
+    )
     add_config_flags(
         serve,
         CoordinatorConfig,
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    skip = ("command", "config", "nodes")
+    skip = ("command", "config", "nodes", "node_config")
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         if args.command == "serve":
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 CoordinatorConfig, args.config, flags, {"port": SERVE_PORT}
             )
             configure_logging(coordinator_config.log_level, coordinator_config.log_format)
-            return asyncio.run(_serve(coordinator_config, args.nodes))
+            return asyncio.run(_serve(coordinator_config, args.nodes, args.node_config))
         if args.command == "coordinator":
             coordinator_config = load_config(
                 CoordinatorConfig, args.config, flags, {"port": SERVE_PORT}
@@ -140,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-async def _serve(config: CoordinatorConfig, nodes: int) -> int:
+async def _serve(config: CoordinatorConfig, nodes: int, node_config: Path | None = None) -> int:
     """The demo (or the repository's models) on a coordinator and ``nodes`` local nodes."""
     from dataclasses import replace
 
     from appliance.local_ring import LocalRing, run_local_ring
     from runtime.package import list_repository
 
+    if node_config is not None:  # its errors now, not from every node once the demos are built
+        load_config(NodeConfig, node_config, {}, {"port": NODE_PORT})
     if config.model_repo:
         require_repository(config.model_repo, "appliance serve")
     repo = Path(config.model_repo) if config.model_repo else default_demo_repo()
@@ -160,7 +168,8 @@ async def _serve(config: CoordinatorConfig, nodes: int) -> int:
     config = replace(config, model_repo=str(repo))
     models = tuple(config.models or sorted(list_repository(repo)))
     work = Path(config.state_dir or repo / ".serve")
-    ring = LocalRing(nodes, config.stages, config.replicas, models)
+    ring = LocalRing(nodes, config.stages, config.replicas, models,
+                     node_config=str(node_config.resolve()) if node_config else None)  # fmt: skip
     return await run_local_ring(config, ring, work)
 
 

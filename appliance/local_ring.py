@@ -46,6 +46,7 @@ class LocalRing:
     replicas: int = 1
     models: tuple[str, ...] = ("demo",)
     node_log_level: str = "warning"
+    node_config: str | None = None  # a NodeConfig TOML the nodes read; their flags win
 
 
 def local_stages(asked: int, default_stages: int, segments: int, nodes: int) -> tuple[int, str]:
@@ -72,12 +73,14 @@ def node_command(
     log_level: str,
     secrets_file: Path,
     shared: Sequence[str] = (),
+    config_file: str | None = None,
 ) -> list[str]:
     return [
         sys.executable,
         "-m",
         "appliance.cli",
         "node",
+        *(["--config", config_file] if config_file else []),
         "--host",
         "127.0.0.1",
         "--port",
@@ -180,7 +183,17 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
         level, share = ring.node_log_level, ring.nodes
         nodes.start(
             [
-                node_command(i, listening.url, work, threads, share, level, secrets_file, shared)
+                node_command(
+                    i,
+                    listening.url,
+                    work,
+                    threads,
+                    share,
+                    level,
+                    secrets_file,
+                    shared,
+                    ring.node_config,
+                )  # fmt: skip
                 for i in range(ring.nodes)
             ]
         )

@@ -28,6 +28,9 @@ greedily for exactly ``--new-tokens`` tokens, EOS ignored:
       chain up only when a node stops answering a probe);
   (S1-1by1) the same as (S1) with ``--no-group-steps``, the design before grouped steps: a
       call per sequence and step from the coordinator to the node;
+  (S1-no-ahead) the same as (S1) with nodes that do not decode ahead (``decode_ahead =
+      false`` through ``--node-config``): each step waits for the coordinator to send the
+      token back, the design before it;
   (S1-int4) the same as (S1) with the int4 package (MatMulNBits weights, block 32);
   (L-int4) (L) on that int4 package: S1-int4's own limit (``int4_ratio_to_int4_limit``).
 
@@ -156,8 +159,10 @@ class Serve:
     rounds."""
 
     def __init__(self, repo: Path, nodes: int, work: Path, runner: asyncio.Runner,
-                 precision: str = "fp32", extra: tuple[str, ...] = ()) -> None:  # fmt: skip
-        name = f"batch-{precision}-{nodes}" + ("-" + "".join(extra).strip("-") if extra else "")
+                 precision: str = "fp32", extra: tuple[str, ...] = (),
+                 variant: str = "") -> None:  # fmt: skip
+        variant = variant or "".join(extra).strip("-")
+        name = f"batch-{precision}-{nodes}" + (f"-{variant}" if variant else "")
         self.server = ServeProcess(repo, PACKAGE_NAME, nodes, work / name,
                                    work / "logs" / f"{name}.log", extra_args=extra)  # fmt: skip
         self.url = self.server.wait_listening(600)
@@ -244,7 +249,16 @@ async def prefix_ttft(repo: Path, threads: int, rounds: int, system: list[int]) 
     }
 
 
-SIDES = ("L", "L0", "O", "P", "C", "S1", "S1-1by1", "S3", "S1-int4", "L-int4")
+SIDES = ("L", "L0", "O", "P", "C", "S1", "S1-1by1", "S1-no-ahead", "S3", "S1-int4", "L-int4")
+
+
+def no_decode_ahead(work: Path) -> tuple[str, ...]:
+    """``appliance serve`` flags for local nodes that do not run steps ahead (the design
+    before ``decode_ahead``)."""
+    path = work / "node-no-decode-ahead.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("decode_ahead = false\n")
+    return ("--node-config", str(path))
 
 
 def make_sides(
@@ -271,6 +285,9 @@ def make_sides(
         ("S1", "serve-1span", lambda: Serve(repo, 1, args.work, runner)),
         ("S1-1by1", "serve-1span-1by1",
          lambda: Serve(repo, 1, args.work, runner, extra=("--no-group-steps",))),
+        ("S1-no-ahead", "serve-1span-no-ahead",
+         lambda: Serve(repo, 1, args.work, runner, extra=no_decode_ahead(args.work),
+                       variant="no-decode-ahead")),
         ("S3", "serve-3span", lambda: Serve(repo, 3, args.work, runner)),
         ("S1-int4", "serve-1span-int4",
          lambda: Serve(ensure_package(args.work, "int4", say), 1, args.work, runner, "int4")),

@@ -36,6 +36,7 @@ LABELS = {
     "llama.cpp-batched": ("C", "llama.cpp low-level batch (llama-cpp-python)", "Q4_1"),
     "serve-1span": ("S1", "appliance serve, 1 node (1 span)", "fp32"),
     "serve-1span-1by1": ("S1-1by1", "the same, a call per sequence and step (before)", "fp32"),
+    "serve-1span-no-ahead": ("S1-no-ahead", "the same, no decode ahead (before)", "fp32"),
     "serve-3span": ("S3", "appliance serve, 3 nodes (3 spans)", "fp32"),
     "serve-1span-int4": ("S1-int4", "appliance serve, 1 node (1 span)", "int4"),
     "limit-inproc-batched-int4": (

@@ -25,6 +25,7 @@ class DecoderLimits:
     prefill_turn_tokens: int = 256  # prompt tokens run between two decode batches (step_batcher)
     prefix_block_tokens: int = 32  # tokens per prefix-cache block (0: no prefix cache)
     prefix_recent_blocks: int = 256  # block names a heartbeat reports per span
+    decode_ahead: bool = True  # a span holding the whole model runs the next step unasked
 
     def check(self) -> None:
         if self.max_sequences < 1:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.decode_ahead import Ahead, ahead_inputs, quiet
 from runtime.decoder import DecoderSpan, SequenceKV
 from runtime.decoder_admission import DecoderLimits, Waiter, wait_admitted
 from runtime.errors import (
@@ -64,6 +65,7 @@ class Sequence:
     prefix_ids: list[int] | None = None  # the prompt's ids, to store its blocks once run
     prefix_names: list[str] = field(default_factory=list)
     stored_blocks: int = 0  # blocks of the prompt already cached (or found cached)
+    ahead: Ahead | None = None  # its next step, run before it was asked (``decode_ahead``)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class DecoderSlot:
         self.tokens_computed = 0  # prompt and generated tokens run through this span
         self.prefill_tokens = 0  # tokens of prompts (a sequence's first step, or several)
         self.generated_tokens = 0  # tokens fed back one per step
+        self.ahead_runs = 0  # steps run ahead (``decode_ahead``), used or not
+        self.ahead_discarded = 0  # of those, undone or thrown away: compute spent for nothing
         self.prefix_hits = self.prefix_misses = self.cached_tokens_served = 0
         self.cache = PrefixCache(max(1, self.limits.prefix_block_tokens),
                                  self.limits.prefix_recent_blocks)  # fmt: skip
@@ -197,12 +201,25 @@ class DecoderSlot:
     ) -> StepResult:
         """Run one step of a sequence: ``inputs`` are its new tokens' ids (first span) or
         hidden states, ``position`` where they start (= the tokens its KV holds)."""
-        sequence = self.sequences.get(sequence_id)
-        if sequence is None:
-            raise UnknownSequence(
-                f"unknown sequence {sequence_id!r} on {self.name} segments "
-                f"{self.first}-{self.last}: never opened here, or already released"
-            )
+        sequence = self._sequence(sequence_id)
+        ahead = sequence.ahead
+        if ahead is not None:
+            if ahead.matches(position, inputs):
+                try:
+                    result: StepResult = await asyncio.shield(ahead.future)
+                except Exception:
+                    if sequence.ahead is ahead:  # failed (its KV cut back): not again
+                        sequence.ahead = None
+                    raise
+                if sequence.ahead is ahead:
+                    sequence.ahead = None
+                return self._stepped(sequence, 1, False, result, now)
+            await ahead.settle()  # not this step: undo it once it is over
+            if sequence.ahead is ahead:
+                sequence.ahead = None
+                truncate(sequence.kv, ahead.position)
+                self.ahead_discarded += 1
+            sequence = self._sequence(sequence_id)  # it may have been closed meanwhile
         if sequence.fresh and not sequence.busy and 0 <= position < sequence.kv.length:
             truncate(sequence.kv, position)  # the chain's shortest cached prefix rules
         if sequence.busy or position != sequence.kv.length:
@@ -223,16 +240,49 @@ class DecoderSlot:
                                      lambda out: self._finish(sequence, out))  # fmt: skip
         # busy until the run is over, even if this caller goes away meanwhile
         future.add_done_callback(lambda _: setattr(sequence, "busy", False))
-        result: StepResult = await asyncio.shield(future)
+        return self._stepped(sequence, tokens, prefill, await asyncio.shield(future), now)
+
+    def _sequence(self, sequence_id: str) -> Sequence:
+        sequence = self.sequences.get(sequence_id)
+        if sequence is None:
+            raise UnknownSequence(
+                f"unknown sequence {sequence_id!r} on {self.name} segments "
+                f"{self.first}-{self.last}: never opened here, or already released"
+            )
+        return sequence
+
+    def _stepped(
+        self, sequence: Sequence, tokens: int, prefill: bool, result: StepResult, now: float
+    ) -> StepResult:
         self.tokens_computed += tokens
         if prefill:
             self.prefill_tokens += tokens
         else:
             self.generated_tokens += tokens
-        if sequence_id in self.sequences:
-            self.budget.touch(self.key(sequence_id), sequence.kv.nbytes(), now)
+        if sequence.id in self.sequences:
+            self.budget.touch(self.key(sequence.id), sequence.kv.nbytes(), now)
             self._store_prefix(sequence, now)
+            self._run_ahead(sequence, result)
         return result
+
+    def _run_ahead(self, sequence: Sequence, result: StepResult) -> None:
+        """The next step of a sequence this span holds whole, fed the token just drawn."""
+        if (
+            not self.limits.decode_ahead
+            or not (self.span.is_first and self.span.is_last)
+            or result.token is None
+            or sequence.busy
+            or sequence.kv.length >= sequence.reserved_tokens
+        ):
+            return
+        position = sequence.kv.length
+        future = self.batcher.submit(sequence.id, sequence.kv, ahead_inputs(result.token),
+                                     lambda out: self._finish(sequence, out))  # fmt: skip
+        sequence.busy = True
+        future.add_done_callback(lambda _: setattr(sequence, "busy", False))
+        future.add_done_callback(quiet)
+        sequence.ahead = Ahead(position, result.token, future)
+        self.ahead_runs += 1
 
     def _finish(self, sequence: Sequence, out: np.ndarray) -> StepResult:
         if not self.span.is_last:
@@ -296,13 +346,24 @@ class DecoderSlot:
     def close(self, sequence_id: str) -> bool:
         sequence = self.sequences.pop(sequence_id, None)
         self.budget.release(self.key(sequence_id))
-        self.batcher.forget(sequence_id)
-        if sequence is not None and not sequence.busy:
-            self._store_prefix(sequence, time.monotonic())  # in the room it held
+        self.batcher.forget(sequence_id)  # a step ahead not started yet is dropped
         if sequence is not None:
-            sequence.kv.release()  # a decode batch still listing it need not copy it out
+            ahead = sequence.ahead
+            if ahead is not None:
+                self.ahead_discarded += 1  # it stopped: the step run ahead is not wanted
+            if ahead is not None and not ahead.future.done():
+                # the usual end of a sequence run ahead: its prompt's blocks are stored once
+                # that run is over (stored now, they could be read as it replaces the KV)
+                ahead.future.add_done_callback(lambda _: self._free(sequence))
+            else:
+                self._free(sequence, store=ahead is not None or not sequence.busy)
         self.on_freed()
         return sequence is not None
+
+    def _free(self, sequence: Sequence, store: bool = True) -> None:
+        if store:
+            self._store_prefix(sequence, time.monotonic())  # in the room it held
+        sequence.kv.release()  # a decode batch still listing it need not copy it out
 
     def expire(self, now: float) -> list[str]:
         """Sequences whose coordinator stopped stepping them for the budget's TTL: freed."""
@@ -321,6 +382,8 @@ class DecoderSlot:
             "sequences_queued": len(self.waiting),
             "prefill_tokens": self.prefill_tokens,
             "generated_tokens": self.generated_tokens,
+            "ahead_runs": self.ahead_runs,
+            "ahead_discarded": self.ahead_discarded,
             "decode_batches": dict(self.batcher.stats.decode_batches),
             "prefix_hits": self.prefix_hits,
             "prefix_misses": self.prefix_misses,

@@ -132,6 +132,14 @@ class NodeConfig(ServerConfig):
             "streams stay in one batch instead of alternating halves); 0: no wait"
         },
     )
+    decode_ahead: bool = field(
+        default=True,
+        metadata={
+            "help": "generation: a node holding a model whole runs each sequence's next decode "
+            "step as soon as it has drawn the token, before the coordinator sends it back (one "
+            "step ahead at most; thrown away when the sequence stops)"
+        },
+    )
     prefix_block_tokens: int = field(
         default=32,
         metadata={
@@ -149,6 +157,7 @@ class NodeConfig(ServerConfig):
             gather_s=self.decode_gather_us / 1e6,
             prefill_turn_tokens=self.prefill_turn_tokens,
             prefix_block_tokens=self.prefix_block_tokens,
+            decode_ahead=self.decode_ahead,
         )
 
     def session_settings(self) -> SessionSettings:

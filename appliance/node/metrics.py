@@ -126,6 +126,12 @@ class _DecoderCollector(Collector):
                 ("prefix_hits", "prefix_hits", "opens that started from a cached prefix"),
                 ("prefix_misses", "prefix_misses", "opens with prefix_ids and no cached prefix"),
                 ("prefix_cached_tokens", "prefix_cached_tokens", "prompt tokens served cached"),
+                ("ahead_runs", "decode_ahead_steps", "decode steps run before they were asked"),
+                (
+                    "ahead_discarded",
+                    "decode_ahead_discarded",
+                    "steps run ahead and not used (the sequence stopped, or another step came)",
+                ),
             )
         }
         for slot in self._decoders.slots.values():

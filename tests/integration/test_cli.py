@@ -109,7 +109,11 @@ def test_serve_places_every_model_of_a_repository_as_each_can_be(tmp_path: Path)
     export_model(small, repo, "enc", stages=2, min_segment_bytes=0, source_label="test")
     (repo / "broken" / "1").mkdir(parents=True)
     (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
-    process, url = start(["serve", "--port", "0", "--model-repo", str(repo)])
+    # the local nodes read --node-config (what serve sets for them wins)
+    node_config = tmp_path / "node.toml"
+    node_config.write_text("memory_budget = 3000000000\nport = 1\n")
+    process, url = start(["serve", "--port", "0", "--model-repo", str(repo),
+                          "--node-config", str(node_config)])  # fmt: skip
     try:
         wait_ready(url)
         x = np.ones((2, 4), dtype=np.float32)
@@ -120,6 +124,8 @@ def test_serve_places_every_model_of_a_repository_as_each_can_be(tmp_path: Path)
         with urllib.request.urlopen(url + "/v2/cluster", timeout=10) as response:
             cluster = json.loads(response.read())
         placements = cluster["placements"]
+        assert [m["memory_budget"] for m in cluster["nodes"]] == [3_000_000_000] * 3
+        assert all(not m["address"].endswith(":1") for m in cluster["nodes"])
         assert sorted(placements) == ["enc", "mlp", "tiny"]
         assert len(placements["enc"]["spans"]) == 2  # the package's default_stages
         assert [len(s["replicas"]) for s in placements["mlp"]["spans"]] == [3]  # every node
@@ -148,6 +154,9 @@ def test_bad_config_exits_2_with_the_reason(tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
+    assert result.returncode == 2 and "unknown key(s) max_batch_sise" in result.stderr
+    # serve reads its nodes' file before it builds anything
+    result = run_cli("serve", "--node-config", str(config), "--port", "0")
     assert result.returncode == 2 and "unknown key(s) max_batch_sise" in result.stderr
     result = subprocess.run(
         [sys.executable, "-m", "appliance.cli", "node"], capture_output=True, text=True, timeout=60
