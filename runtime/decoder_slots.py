@@ -235,12 +235,18 @@ class DecoderSlot:
             )
         self._check_prefix(sequence, position, inputs)
         prefill = sequence.fresh or tokens > 1
-        sequence.busy, sequence.fresh = True, False
-        future = self.batcher.submit(sequence_id, sequence.kv, inputs,
-                                     lambda out: self._finish(sequence, out))  # fmt: skip
-        # busy until the run is over, even if this caller goes away meanwhile
-        future.add_done_callback(lambda _: setattr(sequence, "busy", False))
+        sequence.fresh = False
+        future = self._submit(sequence, inputs)
         return self._stepped(sequence, tokens, prefill, await asyncio.shield(future), now)
+
+    def _submit(self, sequence: Sequence, inputs: np.ndarray) -> asyncio.Future[StepResult]:
+        """Queue one step of ``sequence`` for the next batch: busy until its run is over, even
+        if its caller goes away meanwhile."""
+        future = self.batcher.submit(sequence.id, sequence.kv, inputs,
+                                     lambda out: self._finish(sequence, out))  # fmt: skip
+        sequence.busy = True
+        future.add_done_callback(lambda _: setattr(sequence, "busy", False))
+        return future
 
     def _sequence(self, sequence_id: str) -> Sequence:
         sequence = self.sequences.get(sequence_id)
@@ -276,10 +282,7 @@ class DecoderSlot:
         ):
             return
         position = sequence.kv.length
-        future = self.batcher.submit(sequence.id, sequence.kv, ahead_inputs(result.token),
-                                     lambda out: self._finish(sequence, out))  # fmt: skip
-        sequence.busy = True
-        future.add_done_callback(lambda _: setattr(sequence, "busy", False))
+        future = self._submit(sequence, ahead_inputs(result.token))
         future.add_done_callback(quiet)
         sequence.ahead = Ahead(position, result.token, future)
         self.ahead_runs += 1
