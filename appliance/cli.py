@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="TOML file with CoordinatorConfig keys")
     serve.add_argument("--nodes", type=int, default=3, help="local node processes (default 3)")
     serve.add_argument(
+        "--in-process-node",
+        action="store_true",
+        help="run the first local node inside the coordinator's process: calls to it skip the "
+        "loopback HTTP hop (one machine, one process with --nodes 1); the others stay processes",
+    )
+    serve.add_argument(
         "--node-config",
         type=Path,
         help="TOML file with NodeConfig keys for the local nodes (what serve sets for them wins: "
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    skip = ("command", "config", "nodes", "node_config")
+    skip = ("command", "config", "nodes", "node_config", "in_process_node")
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         if args.command == "serve":
@@ -122,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 CoordinatorConfig, args.config, flags, {"port": SERVE_PORT}
             )
             configure_logging(coordinator_config.log_level, coordinator_config.log_format)
-            return asyncio.run(_serve(coordinator_config, args.nodes, args.node_config))
+            return asyncio.run(
+                _serve(coordinator_config, args.nodes, args.node_config, args.in_process_node)
+            )
         if args.command == "coordinator":
             coordinator_config = load_config(
                 CoordinatorConfig, args.config, flags, {"port": SERVE_PORT}
@@ -146,7 +154,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-async def _serve(config: CoordinatorConfig, nodes: int, node_config: Path | None = None) -> int:
+def node_config_of(argv: list[str]) -> NodeConfig:
+    """The NodeConfig ``appliance node ARGV...`` would run with (serve's in-process node is
+    configured by the very flags its node processes get)."""
+    args = _parser().parse_args(["node", *argv])
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    return load_config(NodeConfig, args.config, flags, {"port": NODE_PORT})
+
+
+async def _serve(
+    config: CoordinatorConfig,
+    nodes: int,
+    node_config: Path | None = None,
+    in_process_node: bool = False,
+) -> int:
     """The demo (or the repository's models) on a coordinator and ``nodes`` local nodes."""
     from dataclasses import replace
 
@@ -169,7 +190,8 @@ async def _serve(config: CoordinatorConfig, nodes: int, node_config: Path | None
     models = tuple(config.models or sorted(list_repository(repo)))
     work = Path(config.state_dir or repo / ".serve")
     ring = LocalRing(nodes, config.stages, config.replicas, models,
-                     node_config=str(node_config.resolve()) if node_config else None)  # fmt: skip
+                     node_config=str(node_config.resolve()) if node_config else None,
+                     in_process_node=in_process_node)  # fmt: skip
     return await run_local_ring(config, ring, work)
 
 

@@ -30,7 +30,8 @@ from appliance.coordinator.placement.types import Placement
 from appliance.coordinator.retry import Retry
 from appliance.coordinator.service import Coordinator
 from appliance.errors import ConfigError, NoLiveReplica
-from appliance.http.server import Listening, Server
+from appliance.http.server import Listening, Server, listen
+from appliance.ring.local_peers import LocalPeers
 from appliance.sd_notify import notify
 from appliance.security.signing import new_secret, parse_secrets
 from runtime.errors import ModelNotFound
@@ -47,6 +48,7 @@ class LocalRing:
     models: tuple[str, ...] = ("demo",)
     node_log_level: str = "warning"
     node_config: str | None = None  # a NodeConfig TOML the nodes read; their flags win
+    in_process_node: bool = False  # node 0 runs in the coordinator's process
 
 
 def local_stages(asked: int, default_stages: int, segments: int, nodes: int) -> tuple[int, str]:
@@ -172,7 +174,8 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
         # one self-signed certificate for every local member: it is its own CA
         config = replace(config, tls_ca=config.tls_cert)
     shared = shared_settings(config, work)
-    app = build_coordinator_app(config)
+    local = LocalPeers() if ring.in_process_node else None
+    app = build_coordinator_app(config, local)
     server = Server(app, config, None)  # the listening line comes once the ring is placed
     nodes = _Nodes()
     server.before_stop.append(nodes.stop)
@@ -181,22 +184,24 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
         cores = os.cpu_count() or 1
         threads = max(1, cores // ring.nodes)
         level, share = ring.node_log_level, ring.nodes
-        nodes.start(
-            [
-                node_command(
-                    i,
-                    listening.url,
-                    work,
-                    threads,
-                    share,
-                    level,
-                    secrets_file,
-                    shared,
-                    ring.node_config,
-                )  # fmt: skip
-                for i in range(ring.nodes)
-            ]
-        )
+        commands = [
+            node_command(
+                i,
+                listening.url,
+                work,
+                threads,
+                share,
+                level,
+                secrets_file,
+                shared,
+                ring.node_config,
+            )  # fmt: skip
+            for i in range(ring.nodes)
+        ]
+        if local is not None:
+            inner = await InProcessNode.start(commands.pop(0)[4:], local)  # after "node"
+            server.before_stop.insert(1, inner.stop)  # with the other nodes, before the end
+        nodes.start(commands)
         coordinator = app[COORDINATOR]
         await _wait_for_members(coordinator.cluster, ring.nodes, nodes.processes, stop)
         if stop.is_set():
@@ -204,8 +209,9 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
         placed = await _place_all(coordinator, ring)
         notify(f"STATUS=serving {', '.join(placed) or 'nothing'} on {ring.nodes} local node(s)")
         notify("READY=1")
+        inside = ", the first in this process" if local is not None else ""
         print(
-            f"appliance listening on {listening.url} (coordinator + {ring.nodes} nodes; "
+            f"appliance listening on {listening.url} (coordinator + {ring.nodes} nodes{inside}; "
             f"{'; '.join(placed.values()) or 'no model placed: see the log'})",
             flush=True,
         )
@@ -218,6 +224,38 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
         return 0
 
     return await server.serve(main)
+
+
+@dataclass
+class InProcessNode:
+    """A node in the coordinator's process: its own app and socket (for the other members),
+    membership as any node's, and its ring calls registered in ``local`` for the coordinator."""
+
+    app: web.Application
+    listening: Listening
+    membership: asyncio.Task[None]
+    local: LocalPeers
+
+    @classmethod
+    async def start(cls, argv: list[str], local: LocalPeers) -> InProcessNode:
+        from appliance.cli import node_config_of
+        from appliance.node.membership import start_membership
+        from appliance.node.server import build_node_app, join_local_peers
+
+        config = node_config_of(argv)  # the flags a node process would get; logging is ours
+        app = build_node_app(config, local)
+        listening = await listen(app, config)
+        join_local_peers(app, listening.url, local)
+        log.info("node %s runs in this process, listening on %s", config.node_id, listening.url)
+        return cls(app, listening, start_membership(app, listening.url), local)
+
+    async def stop(self) -> None:
+        from appliance.node.membership import leave
+
+        self.membership.cancel()  # no heartbeat may re-announce a node that is leaving
+        await leave(self.app)
+        self.local.remove(self.listening.url)
+        await self.listening.runner.cleanup()
 
 
 async def _place_all(coordinator: Coordinator, ring: LocalRing) -> dict[str, str]:

@@ -31,6 +31,8 @@ greedily for exactly ``--new-tokens`` tokens, EOS ignored:
   (S1-no-ahead) the same as (S1) with nodes that do not decode ahead (``decode_ahead =
       false`` through ``--node-config``): each step waits for the coordinator to send the
       token back, the design before it;
+  (S1-1p) the same as (S1) with ``--in-process-node``: the node in the coordinator's process,
+      its steps function calls, not loopback HTTP;
   (S1-int4) the same as (S1) with the int4 package (MatMulNBits weights, block 32);
   (L-int4) (L) on that int4 package: S1-int4's own limit (``int4_ratio_to_int4_limit``).
 
@@ -249,7 +251,8 @@ async def prefix_ttft(repo: Path, threads: int, rounds: int, system: list[int]) 
     }
 
 
-SIDES = ("L", "L0", "O", "P", "C", "S1", "S1-1by1", "S1-no-ahead", "S3", "S1-int4", "L-int4")
+SIDES = ("L", "L0", "O", "P", "C", "S1", "S1-1by1", "S1-no-ahead", "S1-1p", "S3", "S1-int4",
+         "L-int4")  # fmt: skip
 
 
 def no_decode_ahead(work: Path) -> tuple[str, ...]:
@@ -288,6 +291,9 @@ def make_sides(
         ("S1-no-ahead", "serve-1span-no-ahead",
          lambda: Serve(repo, 1, args.work, runner, extra=no_decode_ahead(args.work),
                        variant="no-decode-ahead")),
+        ("S1-1p", "serve-1span-one-process",
+         lambda: Serve(repo, 1, args.work, runner, extra=("--in-process-node",),
+                       variant="one-process")),
         ("S3", "serve-3span", lambda: Serve(repo, 3, args.work, runner)),
         ("S1-int4", "serve-1span-int4",
          lambda: Serve(ensure_package(args.work, "int4", say), 1, args.work, runner, "int4")),

@@ -37,6 +37,7 @@ LABELS = {
     "serve-1span": ("S1", "appliance serve, 1 node (1 span)", "fp32"),
     "serve-1span-1by1": ("S1-1by1", "the same, a call per sequence and step (before)", "fp32"),
     "serve-1span-no-ahead": ("S1-no-ahead", "the same, no decode ahead (before)", "fp32"),
+    "serve-1span-one-process": ("S1-1p", "the same, the node in the coordinator's process", "fp32"),
     "serve-3span": ("S3", "appliance serve, 3 nodes (3 spans)", "fp32"),
     "serve-1span-int4": ("S1-int4", "appliance serve, 1 node (1 span)", "int4"),
     "limit-inproc-batched-int4": (
@@ -115,6 +116,27 @@ class LlamaBatch:
         self.driver.close()
 
 
+PAIRS = [
+    ("serve-1span", "serve-1span-no-ahead"),
+    ("serve-1span", "serve-1span-1by1"),
+    ("serve-1span-one-process", "serve-1span"),
+]
+
+
+def paired(
+    results: dict[str, dict[int, list[dict[str, float]]]], after: str, before: str
+) -> dict[str, float]:
+    """Per stream count, the median over rounds of after's aggregate over before's."""
+    out = {}
+    for n, rows in results[after].items():
+        others = results[before].get(n, [])
+        ratios = [a["aggregate_tok_s"] / b["aggregate_tok_s"]
+                  for a, b in zip(rows, others, strict=False) if b["aggregate_tok_s"]]  # fmt: skip
+        if ratios:
+            out[str(n)] = round(statistics.median(ratios), 2)
+    return out
+
+
 def summarise(
     results: dict[str, dict[int, list[dict[str, float]]]],
     new_tokens: int,
@@ -168,6 +190,12 @@ def summarise(
             if best and "16" in rows and name != "llama.cpp-batched"
         },
         "prefix_reuse": prefix,
+        # a design against the one before it, the median of each round's ratio
+        "paired_per_round": {
+            f"{after} / {before}": paired(results, after, before)
+            for after, before in PAIRS
+            if results.get(after) and results.get(before)
+        },
         "per_round": results,
     }
 

@@ -24,7 +24,9 @@ The node levers, each a node process of its own measured in the same rounds: tod
 ``intra_op_threads = -1``: cores - 1, at least 1) and lever 1 with ``runs_in_flight = N`` for
 each N of ``--runs-in-flight`` (the next batch forms and starts while one runs). Every node
 point also reports the rows per run the node's batcher formed (its statistics, read before and
-after). ``--focus nodes`` measures only those and the in-process runs, so that a round is short
+after). ``--focus serve`` measures in process, a node and ``appliance serve`` with and
+without ``--in-process-node`` (the coordinator and its node in one process: no loopback hop).
+``--focus nodes`` measures only those and the in-process runs, so that a round is short
 and its systems see the same load on a shared machine.
 The servers stay up for the whole run; their idle CPU while others are measured is reported.
 """
@@ -58,6 +60,7 @@ BATCH = 32
 BASELINE = "in-process onnxruntime, batches of 32"
 NODE_TODAY = "a standalone node"
 SERVE_TODAY = "`appliance serve` (coordinator + 1 node)"
+SERVE_ONE_PROCESS = "lever: `appliance serve --in-process-node` (coordinator + 1 node, one process)"
 Measure = Callable[[], dict[int, dict[str, Any]]]
 
 
@@ -94,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-levers", action="store_true", help="today's systems only")
     parser.add_argument(
         "--focus",
-        choices=["all", "nodes"],
+        choices=["all", "nodes", "serve"],
         default="all",
-        help="nodes: only the in-process runs and the node levers (short rounds)",
+        help="nodes: only the in-process runs and the node levers (short rounds); serve: only "
+        "in process, a node and appliance serve with and without --in-process-node",
     )
     parser.add_argument(
         "--runs-in-flight",
@@ -143,9 +147,13 @@ def run(work: Path, args: argparse.Namespace, use_ray: bool) -> dict[str, Any]:
         print("starting the node(s) and appliance serve ...", flush=True)
         servers["node"] = systems.start_node(repo, MODEL, 0, BATCH)  # today: onnxruntime's
         full = args.focus == "all"
-        if full:
+        if args.focus in ("all", "serve"):
+            servers["serve one process"] = systems.ServeProcess(
+                repo, MODEL, 1, work / "serve-1p", ("--in-process-node",)
+            )
+        if args.focus in ("all", "serve"):
             servers["serve"] = systems.ServeProcess(repo, MODEL, 1, work / "serve-1")
-        if not args.no_levers:
+        if not args.no_levers and args.focus != "serve":
             servers["node auto"] = systems.start_node(repo, MODEL, -1, BATCH)
             for n in args.runs_in_flight:
                 servers[f"node auto x{n}"] = systems.start_node(repo, MODEL, -1, BATCH, n)
@@ -226,6 +234,7 @@ def lever_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
     pairs += [(NODE_TODAY, name) for name in nodes[1:]]
     pairs += [(nodes[1], name) for name in nodes[2:]]  # runs in flight over lever 1 alone
     pairs.append((SERVE_TODAY, "lever: `appliance serve --nodes 2` (1 thread x 2 nodes)"))
+    pairs.append((SERVE_TODAY, SERVE_ONE_PROCESS))
     return pairs  # the summary keeps those whose both systems were measured
 
 
@@ -304,12 +313,13 @@ def _measures(
         BASELINE: inproc(today, latency=True),
         NODE_TODAY: served("node"),
     }
-    if args.focus == "all":
+    if args.focus in ("all", "serve"):
         measures[SERVE_TODAY] = served("serve")
+        measures[SERVE_ONE_PROCESS] = served("serve one process")
     if use_ray:
         measures["Ray Serve + @serve.batch(32), default proxy"] = ray(False)
         measures["Ray Serve + @serve.batch(32), HAProxy ingress"] = ray(True)
-    if not args.no_levers:
+    if not args.no_levers and args.focus != "serve":
         measures |= {
             f"lever: in-process, intra-op {max(1, cores - 1)} (cores - 1)": inproc(lean),
             "lever: in-process, 1 thread x 2 runs in flight": inproc(single, 2),
@@ -325,7 +335,7 @@ def _measures(
             ),
             "lever: `appliance serve --nodes 2` (1 thread x 2 nodes)": served("serve 2 nodes"),
         }
-    if not args.no_levers:
+    if not args.no_levers and args.focus != "serve":
         nodes = node_lever_names(args)
         measures[nodes[1]] = served("node auto")
         for n, name in zip(args.runs_in_flight, nodes[2:], strict=True):
@@ -337,8 +347,12 @@ def _probe(
     args: argparse.Namespace, urls: dict[str, str], setup: Setup
 ) -> Callable[[], dict[str, dict[str, Any]]]:
     """The node levers and the in-process 1-row runs at c=1, interleaved request by request."""
-    nodes = node_lever_names(args)
-    keys = ["node", "node auto", *(f"node auto x{n}" for n in args.runs_in_flight)]
+    if args.focus == "serve":  # a hop less: the node, serve, serve in one process
+        keys = ["node", "serve", "serve one process"]
+        nodes = [NODE_TODAY, SERVE_TODAY, SERVE_ONE_PROCESS]
+    else:
+        nodes = node_lever_names(args)
+        keys = ["node", "node auto", *(f"node auto x{n}" for n in args.runs_in_flight)]
     targets = {name: urls[key] for name, key in zip(nodes, keys, strict=True)}
     today, single = setup.runners["today"], setup.runners["single"]
     runs = {

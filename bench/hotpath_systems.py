@@ -166,7 +166,9 @@ async def served(
 class ServeProcess:
     """``appliance serve`` (a coordinator and ``nodes`` local node processes) on 127.0.0.1."""
 
-    def __init__(self, repo: Path, model: str, nodes: int, state_dir: Path) -> None:
+    def __init__(
+        self, repo: Path, model: str, nodes: int, state_dir: Path, extra: tuple[str, ...] = ()
+    ) -> None:
         command = [
             sys.executable,
             "-m",
@@ -186,6 +188,7 @@ class ServeProcess:
             str(state_dir),
             "--log-level",
             "warning",
+            *extra,
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None

@@ -20,7 +20,8 @@ from appliance.coordinator.service import Coordinator
 from appliance.http.server import start_app
 from appliance.node.keys import REGISTRY
 from appliance.node.membership import start_membership
-from appliance.node.server import build_node_app
+from appliance.node.server import build_node_app, join_local_peers
+from appliance.ring.local_peers import LocalPeers
 
 
 @dataclass
@@ -106,9 +107,13 @@ async def start_coordinator(tmp_path: Path) -> AsyncIterator[StartCoordinator]:
         nodes: int = 2,
         node_settings: dict[str, Any] | list[dict[str, Any]] | None = None,
         access_log: bool = False,
+        in_process: bool = False,
         **settings: Any,
     ) -> RunningCoordinator:
+        """``in_process``: the nodes and the coordinator call each other as the members of one
+        process do (``appliance serve --in-process-node``): function calls, not HTTP."""
         secret = "s" * 40
+        local = LocalPeers() if in_process else None
         config = CoordinatorConfig(
             model_repo=str(repo),
             port=0,
@@ -116,7 +121,7 @@ async def start_coordinator(tmp_path: Path) -> AsyncIterator[StartCoordinator]:
             cluster_secrets=[secret],
             **settings,
         )
-        app = build_coordinator_app(config)
+        app = build_coordinator_app(config, local)
         runner, port = await start_app(app, "127.0.0.1", 0, access_log)
         url = f"http://127.0.0.1:{port}"
         running = RunningCoordinator(url, app, runner, aiohttp.ClientSession(), [])
@@ -136,9 +141,11 @@ async def start_coordinator(tmp_path: Path) -> AsyncIterator[StartCoordinator]:
                     else (node_settings or {})
                 ),
             )
-            node_app = build_node_app(node_config)
+            node_app = build_node_app(node_config, local)
             node_runner, node_port = await start_app(node_app, "127.0.0.1", 0, access_log)
             node_url = f"http://127.0.0.1:{node_port}"
+            if local is not None:
+                join_local_peers(node_app, node_url, local)
             tasks.append(start_membership(node_app, node_url))
             running.nodes.append(
                 RunningNode(node_url, node_app, node_runner, aiohttp.ClientSession())

@@ -19,6 +19,7 @@ from appliance.coordinator.service import Coordinator
 from appliance.http.app import new_app
 from appliance.http.v2 import health_live, server_metadata
 from appliance.ring.clients import internal_clients
+from appliance.ring.local_peers import LocalPeers
 from cache.job_store import JobStore
 from cache.result_cache import CacheSettings, ResultCache
 
@@ -75,13 +76,17 @@ def _result_cache(config: CoordinatorConfig, state: Path) -> ResultCache | None:
     return cache
 
 
-def build_coordinator_app(config: CoordinatorConfig) -> web.Application:
+def build_coordinator_app(
+    config: CoordinatorConfig, local: LocalPeers | None = None
+) -> web.Application:
+    """``local``: members sharing this process (``appliance serve --in-process-node``): calls to
+    them are function calls, not loopback HTTP."""
     app = new_app(config, INTERNAL_ROUTES)
     app.add_routes(PUBLIC_ROUTES)
 
     async def coordinator(app: web.Application) -> AsyncIterator[None]:
         state = Path(config.state_dir or Path(config.model_repo) / ".coordinator")
-        clients = internal_clients(config, COORDINATOR_SENDER)
+        clients = internal_clients(config, COORDINATOR_SENDER, local)
         cache = _result_cache(config, state)
         store = JobStore(Path(config.jobs_dir or state / "jobs"), result_ttl_s=config.job_ttl_s)
         service = Coordinator(config, clients, cache, store)

@@ -110,6 +110,12 @@ class CoordinatorMetrics:
             ["model", "outcome"],
             registry=r,
         )
+        self.in_process_calls = Counter(
+            "appliance_in_process_calls",
+            "ring calls to a node in this process, answered as function calls (no HTTP hop)",
+            ["node"],
+            registry=r,
+        )
         self.switches = Counter(
             "appliance_version_switches",
             "times a model's route flipped to a new version or placement",

@@ -72,6 +72,8 @@ class Coordinator:
         self._locks: dict[str, asyncio.Lock] = {}
         self.metrics = m = CoordinatorMetrics()
         m.registry.register(LinkCollector(lambda: clients.links))
+        if clients.local is not None:
+            clients.local.observers.append(lambda url: m.in_process_calls.labels(url).inc())
         self.clients = clients
         self.session = clients.session
         self.hops = HopClient(

@@ -16,13 +16,11 @@ from typing import Any
 import numpy as np
 import orjson
 from aiohttp import web
-from aiohttp.helpers import ChainMapProxy
+from multidict import CIMultiDictProxy
 
 from appliance.errors import BadRequest, DigestMismatch, SequenceLost, UpstreamError
-from appliance.http.body import read_body
 from appliance.http.errors import status_of
-from appliance.http.server_time import COMPUTE_SECONDS
-from appliance.http.v2 import json_response, read_json_object
+from appliance.node.calls import NodeCall, Reply, Run, http_route
 from appliance.node.keys import CLIENTS, CONFIG, DECODERS, METRICS
 from appliance.ring import protocol as rp
 from appliance.ring.sequences import CLOSE, OPEN, STEP, SequenceRef, call_chain, call_group
@@ -35,20 +33,23 @@ from runtime.sampling import sampling_params
 log = logging.getLogger(__name__)
 
 
-def _held(registry: DecoderRegistry, request: web.Request) -> tuple[DecoderSlot, SequenceRef]:
-    sequence_id = request.headers.get(rp.SEQUENCE_ID, "")
+Headers = CIMultiDictProxy[str]
+
+
+def _held(registry: DecoderRegistry, headers: Headers) -> tuple[DecoderSlot, SequenceRef]:
+    sequence_id = headers.get(rp.SEQUENCE_ID, "")
     if not sequence_id:
         raise BadRequest(f"a sequence call needs {rp.SEQUENCE_ID}")
-    slot = _slot(registry, request)
-    model = request.headers.get(rp.MODEL, "")
-    ref = SequenceRef(model, slot.digest, sequence_id, request.headers.get(rp.REQUEST_ID, "-"))
+    slot = _slot(registry, headers)
+    model = headers.get(rp.MODEL, "")
+    ref = SequenceRef(model, slot.digest, sequence_id, headers.get(rp.REQUEST_ID, "-"))
     return slot, ref
 
 
-def _slot(registry: DecoderRegistry, request: web.Request) -> DecoderSlot:
-    model = request.headers.get(rp.MODEL, "")
-    digest = request.headers.get(rp.DIGEST, "")
-    first, last = rp.parse_span(request.headers.get(rp.SPAN))
+def _slot(registry: DecoderRegistry, headers: Headers) -> DecoderSlot:
+    model = headers.get(rp.MODEL, "")
+    digest = headers.get(rp.DIGEST, "")
+    first, last = rp.parse_span(headers.get(rp.SPAN))
     try:
         slot = registry.get(rp.slot_name(model, first, last, digest))
     except ModelNotFound:
@@ -63,23 +64,22 @@ def _slot(registry: DecoderRegistry, request: web.Request) -> DecoderSlot:
     return slot
 
 
-def _route(request: web.Request) -> tuple[list[rp.RouteStep], Any]:
+def _route(headers: Headers) -> tuple[list[rp.RouteStep], Any]:
     return (
-        rp.decode_route(request.headers.get(rp.ROUTE)),
-        rp.parse_deadline(request.headers.get(rp.DEADLINE)),
+        rp.decode_route(headers.get(rp.ROUTE)),
+        rp.parse_deadline(headers.get(rp.DEADLINE)),
     )
 
 
-def _post(state: ChainMapProxy) -> Any:
+def _post(state: Any) -> Any:
     return state[CLIENTS].hop
 
 
-async def sequence_open(request: web.Request) -> web.Response:
-    state = request.config_dict
-    slot, ref = _held(state[DECODERS], request)
-    route, deadline = _route(request)
-    body = await request.read()
-    raw = await read_json_object(request)
+async def sequence_open(call: NodeCall) -> Reply:
+    state, body = call.state, call.body
+    slot, ref = _held(state[DECODERS], call.headers)
+    route, deadline = _route(call.headers)
+    raw = call.json_object()
     reserve = raw.get("reserve")
     if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 1:
         raise BadRequest(f"open needs reserve: a positive number of tokens, got {reserve!r}")
@@ -96,7 +96,7 @@ async def sequence_open(request: web.Request) -> web.Response:
     except BaseException:
         slot.close(ref.sequence_id)  # the others before it release theirs the same way
         raise
-    return json_response({"opened": True, "cached_tokens": cached})
+    return Reply.json({"opened": True, "cached_tokens": cached})
 
 
 def _prefix_ids(value: Any, vocab: int) -> list[int] | None:
@@ -123,27 +123,25 @@ def _cached_tokens(answer: bytes) -> int:
     return got if isinstance(got, int) and not isinstance(got, bool) and got >= 0 else 0
 
 
-async def _step_inputs(request: web.Request, slot: DecoderSlot) -> tuple[Any, list[str]]:
+def _step_inputs(call: NodeCall, slot: DecoderSlot) -> tuple[Any, list[str]]:
     """The span's input tensor from a step's binary body (None if absent), and every name."""
-    state = request.config_dict
-    body = await read_body(request, state[CONFIG].max_body_bytes)
     decoded = decode_request(
-        body,
-        parse_header_length(request.headers.get(rp.HEADER_LENGTH), len(body)),
-        state[CONFIG].max_tensor_elements,
+        call.body,
+        parse_header_length(call.headers.get(rp.HEADER_LENGTH), len(call.body)),
+        call.state[CONFIG].max_tensor_elements,
     )
     return decoded.inputs.get(slot.span.input_name), list(decoded.inputs)
 
 
-async def step(request: web.Request) -> web.Response:
-    state = request.config_dict
-    slot, ref = _held(state[DECODERS], request)
-    route, deadline = _route(request)
+async def step(call: NodeCall) -> Reply:
+    state = call.state
+    slot, ref = _held(state[DECODERS], call.headers)
+    route, deadline = _route(call.headers)
     try:
-        position = int(request.headers.get(rp.POSITION, ""))
+        position = int(call.headers.get(rp.POSITION, ""))
     except ValueError:
         raise BadRequest(f"a step needs {rp.POSITION}: the position of its first token") from None
-    inputs, names = await _step_inputs(request, slot)
+    inputs, names = _step_inputs(call, slot)
     if inputs is None:
         raise BadRequest(
             f"a step of segments {slot.first}-{slot.last} carries {slot.span.input_name}, got "
@@ -151,29 +149,29 @@ async def step(request: web.Request) -> web.Response:
         )
     started = time.perf_counter()
     result = await slot.step(ref.sequence_id, position, inputs, time.monotonic())
-    computed = request[COMPUTE_SECONDS] = time.perf_counter() - started
+    computed = call.compute_s = time.perf_counter() - started
     state[METRICS].observe_hop_compute("step", computed)
     if result.hidden is None:
-        return json_response({"token": result.token, "logprob": result.logprob})
+        return Reply.json({"token": result.token, "logprob": result.logprob})
     if not route:
         raise BadRequest(f"segments {slot.first}-{slot.last} are not the last: a route is needed")
     payload, length = encode_request({slot.span.output_name: result.hidden})
     answer = await call_chain(_post(state), STEP, route, ref, deadline, payload, position, length)
-    return web.Response(body=answer, content_type="application/json")
+    return Reply(answer)
 
 
-async def steps(request: web.Request) -> web.Response:
+async def steps(call: NodeCall) -> Reply:
     """The decode steps of several sequences of this chain (``STEPS``): each row runs in this
     span's next decode batch; the rows that go on are handed to the next span in one call."""
-    state = request.config_dict
-    slot = _slot(state[DECODERS], request)
-    route, deadline = _route(request)
-    ids = [i for i in request.headers.get(rp.SEQUENCE_ID, "").split(",") if i]
+    state, headers = call.state, call.headers
+    slot = _slot(state[DECODERS], headers)
+    route, deadline = _route(headers)
+    ids = [i for i in headers.get(rp.SEQUENCE_ID, "").split(",") if i]
     try:
-        positions = [int(p) for p in request.headers.get(rp.POSITION, "").split(",")]
+        positions = [int(p) for p in headers.get(rp.POSITION, "").split(",")]
     except ValueError:
         raise BadRequest(f"grouped steps need {rp.POSITION}: a position per sequence") from None
-    inputs, _ = await _step_inputs(request, slot)
+    inputs, _ = _step_inputs(call, slot)
     if (
         not ids or len(positions) != len(ids) or inputs is None
         or inputs.ndim < 2 or inputs.shape[0] != len(ids) or inputs.shape[1] != 1
@@ -189,7 +187,7 @@ async def steps(request: web.Request) -> web.Response:
     rows = [slot.step(sid, p, inputs[k : k + 1], now)
             for k, (sid, p) in enumerate(zip(ids, positions, strict=True))]  # fmt: skip
     outcomes = await asyncio.gather(*rows, return_exceptions=True)
-    computed = request[COMPUTE_SECONDS] = time.perf_counter() - started
+    computed = call.compute_s = time.perf_counter() - started
     state[METRICS].observe_hop_compute("step", computed)
     results: list[dict[str, Any]] = [{} for _ in ids]
     onward: list[tuple[int, np.ndarray]] = []
@@ -211,15 +209,15 @@ async def steps(request: web.Request) -> web.Response:
         payload, length = encode_request({slot.span.output_name: hidden})
         try:
             answers = await call_group(
-                _post(state), route, request.headers.get(rp.MODEL, ""), slot.digest,
+                _post(state), route, headers.get(rp.MODEL, ""), slot.digest,
                 [ids[k] for k, _ in onward], [positions[k] for k, _ in onward], deadline,
-                payload, length, request.headers.get(rp.REQUEST_ID, "-"),
+                payload, length, headers.get(rp.REQUEST_ID, "-"),
             )  # fmt: skip
         except (SequenceLost, UpstreamError) as exc:
             answers = [_row_error(exc)] * len(onward)
         for (k, _), answer in zip(onward, answers, strict=True):
             results[k] = answer
-    return json_response({"results": results})
+    return Reply.json({"results": results})
 
 
 def _row_error(exc: BaseException) -> dict[str, Any]:
@@ -230,33 +228,35 @@ def _row_error(exc: BaseException) -> dict[str, Any]:
     return {"status": status or 500, "error": str(exc) or type(exc).__name__}
 
 
-async def sequence_close(request: web.Request) -> web.Response:
+async def sequence_close(call: NodeCall) -> Reply:
     """Free the sequence here and on every later span; a node that is gone frees it by its
     TTL, so a failure downstream is logged, not raised."""
-    state = request.config_dict
-    route, deadline = _route(request)
+    state, headers = call.state, call.headers
+    route, deadline = _route(headers)
     closed = False
     try:
-        slot, ref = _held(state[DECODERS], request)
+        slot, ref = _held(state[DECODERS], headers)
         closed = slot.close(ref.sequence_id)
     except DigestMismatch:
-        sequence_id = request.headers.get(rp.SEQUENCE_ID, "")
-        ref = SequenceRef(request.headers.get(rp.MODEL, ""), request.headers.get(rp.DIGEST, ""),
-                          sequence_id, request.headers.get(rp.REQUEST_ID, "-"))  # fmt: skip
+        sequence_id = headers.get(rp.SEQUENCE_ID, "")
+        ref = SequenceRef(headers.get(rp.MODEL, ""), headers.get(rp.DIGEST, ""),
+                          sequence_id, headers.get(rp.REQUEST_ID, "-"))  # fmt: skip
     if route:
         try:
             await call_chain(_post(state), CLOSE, route, ref, deadline, b"{}")
         except Exception as exc:
             log.info("closing sequence %s downstream: %s", ref.sequence_id, exc)
-    return json_response({"closed": closed})
+    return Reply.json({"closed": closed})
 
 
-INTERNAL_ROUTES = [
-    web.post("/sequence/open", sequence_open),
-    web.post("/step", step),
-    web.post("/steps", steps),
-    web.post("/sequence/close", sequence_close),
-]
+# by path under /internal: answered over HTTP and, in the coordinator's process, as calls
+CALLS: dict[str, Run] = {
+    "/sequence/open": sequence_open,
+    "/step": step,
+    "/steps": steps,
+    "/sequence/close": sequence_close,
+}
+INTERNAL_ROUTES = [web.post(path, http_route(run)) for path, run in CALLS.items()]
 
 
 async def expire_forever(app: web.Application) -> AsyncIterator[None]:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import time
 
-from aiohttp import web
-
 from appliance.errors import DigestMismatch
-from appliance.http.body import read_body
-from appliance.http.server_time import COMPUTE_SECONDS
+from appliance.node.calls import NodeCall, Reply
 from appliance.node.keys import CONFIG, HOPS, METRICS, REGISTRY
 from appliance.ring import protocol as rp
 from runtime.codec import (
@@ -42,28 +39,27 @@ def held_span(
     return loaded
 
 
-async def hop(request: web.Request) -> web.Response:
-    state = request.config_dict
-    model = request.headers.get(rp.MODEL, "")
-    digest = request.headers.get(rp.DIGEST, "")
-    first, last = rp.parse_span(request.headers.get(rp.SPAN))
-    deadline = rp.parse_deadline(request.headers.get(rp.DEADLINE))
-    route = rp.decode_route(request.headers.get(rp.ROUTE))
-    request_id = request.headers.get(rp.REQUEST_ID, "-")
+async def hop(call: NodeCall) -> Reply:
+    state, headers, body = call.state, call.headers, call.body
+    model = headers.get(rp.MODEL, "")
+    digest = headers.get(rp.DIGEST, "")
+    first, last = rp.parse_span(headers.get(rp.SPAN))
+    deadline = rp.parse_deadline(headers.get(rp.DEADLINE))
+    route = rp.decode_route(headers.get(rp.ROUTE))
+    request_id = headers.get(rp.REQUEST_ID, "-")
     loaded = held_span(state[REGISTRY], model, digest, first, last)
     if deadline.expired():
         raise DeadlineExceeded(f"request {request_id}: deadline passed before span {first}-{last}")
     config = state[CONFIG]
-    body = await read_body(request, config.max_body_bytes)
     decoded = decode_checked_request(
         body,
-        parse_header_length(request.headers.get(rp.HEADER_LENGTH), len(body)),
+        parse_header_length(headers.get(rp.HEADER_LENGTH), len(body)),
         loaded.signature,
         config.max_tensor_elements,
     )
     started = time.perf_counter()
     outputs = await loaded.infer(decoded.inputs, None, deadline)
-    computed = request[COMPUTE_SECONDS] = time.perf_counter() - started
+    computed = call.compute_s = time.perf_counter() - started
     state[METRICS].observe_hop_compute("hop", computed)
     if route:
         payload, length = encode_request(outputs)
@@ -75,7 +71,4 @@ async def hop(request: web.Request) -> web.Response:
         answer, answer_length = encode_response(
             model, loaded.version, request_id, [(n, outputs[n]) for n in names], [True] * len(names)
         )
-    response = web.Response(body=answer, content_type="application/octet-stream")
-    if answer_length is not None:
-        response.headers[rp.HEADER_LENGTH] = str(answer_length)
-    return response
+    return Reply(answer, "application/octet-stream", answer_length)

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from appliance.config import NodeConfig
-from appliance.http.app import new_app
+from appliance.http.app import INTERNAL_PREFIX, new_app
 from appliance.http.body import read_body
 from appliance.http.v2 import (
     HEADER_LENGTH,
@@ -31,6 +31,7 @@ from appliance.http.v2 import (
     should_compress,
 )
 from appliance.node import generation
+from appliance.node.calls import Run, http_route, local_calls
 from appliance.node.hops import hop
 from appliance.node.keys import (
     CLIENTS,
@@ -49,6 +50,7 @@ from appliance.node.resources import NodeResources, node_resources
 from appliance.node.spans import load_span, unload_span
 from appliance.ring.clients import internal_clients
 from appliance.ring.hop_client import HopClient, HopSettings
+from appliance.ring.local_peers import LocalPeers
 from appliance.sd_notify import notify
 from runtime.codec import decode_checked_request, encode_response, parse_header_length
 from runtime.decoder_registry import DecoderRegistry
@@ -188,8 +190,11 @@ def _model_routes(prefix: str) -> list[web.RouteDef]:
     ]
 
 
+# the ring's calls a caller in this process may make without HTTP (appliance.node.calls)
+RING_CALLS: dict[str, Run] = {"/hop": hop, **generation.CALLS}
+
 INTERNAL_ROUTES = [
-    web.post("/hop", hop),
+    web.post("/hop", http_route(hop)),
     web.post("/load", load_span),
     web.post("/unload", unload_span),
     web.get("/identity", identity),
@@ -235,12 +240,21 @@ async def _local_models(app: web.Application) -> AsyncIterator[None]:
         app[LOADER].cancel()
 
 
-async def _ring_clients(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    app[CLIENTS] = internal_clients(config, app[IDENTITY]["node_id"])
-    app[HOPS] = HopClient(app[CLIENTS].hop, HopSettings(min_attempt_s=config.min_attempt_s))
-    yield
-    await app[CLIENTS].close()
+def _ring_clients(local: LocalPeers | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def clients(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG]
+        app[CLIENTS] = internal_clients(config, app[IDENTITY]["node_id"], local)
+        app[HOPS] = HopClient(app[CLIENTS].hop, HopSettings(min_attempt_s=config.min_attempt_s))
+        yield
+        await app[CLIENTS].close()
+
+    return clients
+
+
+def join_local_peers(app: web.Application, base_url: str, local: LocalPeers) -> None:
+    """This node's ring calls, at ``base_url``, for the members of its process."""
+    calls = {INTERNAL_PREFIX.rstrip("/") + path: run for path, run in RING_CALLS.items()}
+    local.add(base_url, frozenset(calls), local_calls(app, calls))
 
 
 async def _registry(app: web.Application) -> AsyncIterator[None]:
@@ -267,7 +281,9 @@ def _kv_capacity(
     return capacity
 
 
-def build_node_app(config: NodeConfig) -> web.Application:
+def build_node_app(config: NodeConfig, local: LocalPeers | None = None) -> web.Application:
+    """``local``: the members sharing this process (``appliance serve --in-process-node``); the
+    node's calls to them skip HTTP, and ``join_local_peers`` makes its own calls theirs."""
     registry = ModelRegistry(
         Path(config.model_repo),
         config.session_settings(),
@@ -308,7 +324,7 @@ def build_node_app(config: NodeConfig) -> web.Application:
         ]
     )
     app.cleanup_ctx.append(_registry)
-    app.cleanup_ctx.append(_ring_clients)
+    app.cleanup_ctx.append(_ring_clients(local))
     app.cleanup_ctx.append(_local_models)
     app.cleanup_ctx.append(generation.expire_forever)
     return app

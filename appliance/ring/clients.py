@@ -10,6 +10,7 @@ import aiohttp
 from appliance.config import ServerConfig
 from appliance.ring.hop_transport import HopPost, close_hop_post, hop_post
 from appliance.ring.links import LinkTable, Prober, measured, probe
+from appliance.ring.local_peers import LocalPeers
 from appliance.security.auth import internal_headers
 from appliance.security.signing import signer_for
 from appliance.security.tls import client_context
@@ -22,11 +23,13 @@ class InternalClients:
     probe_bytes: int = 256 * 1024
     probe_interval_s: float = 300.0
     links: LinkTable = field(default_factory=LinkTable)
+    local: LocalPeers | None = None  # members in this process: called, not sent to
     hop: HopPost = field(init=False)  # every call to a member, its link share filed in links
     prober: Prober = field(init=False)
 
     def __post_init__(self) -> None:
-        self.hop = measured(self.raw_hop, self.links)
+        post = self.local.wrap(self.raw_hop) if self.local is not None else self.raw_hop
+        self.hop = measured(post, self.links)
         self.prober = Prober(self.probe, self.probe_interval_s)
 
     async def probe(self, peer: str) -> None:
@@ -38,7 +41,9 @@ class InternalClients:
         await close_hop_post(self.raw_hop)
 
 
-def internal_clients(config: ServerConfig, sender: str) -> InternalClients:
+def internal_clients(
+    config: ServerConfig, sender: str, local: LocalPeers | None = None
+) -> InternalClients:
     """Made inside the running loop (a cleanup context): aiohttp sessions bind to it."""
     tls = client_context(config.tls_ca, config.tls_cert, config.tls_key, config.tls_server_name)
     signer = signer_for(config, sender)
@@ -54,4 +59,5 @@ def internal_clients(config: ServerConfig, sender: str) -> InternalClients:
         hop_post(config, session, signer, tls),
         min(config.link_probe_bytes, config.max_body_bytes),
         config.link_probe_interval_s,
+        local=local,
     )

@@ -121,6 +121,20 @@ class Ring:
             self.work / "coordinator.log",
         )
 
+    def start_serve_in_process(self, *extra: str) -> None:
+        """``appliance serve --nodes 1 --in-process-node`` as the coordinator: one process
+        holding the coordinator and node ``local-0``; other nodes join it as they join a
+        coordinator (it serves the repository's models on its node until ``load`` places them
+        across the ring)."""
+        node_config = self.work / "in-process-node.toml"
+        self.work.mkdir(parents=True, exist_ok=True)
+        node_config.write_text("heartbeat_interval_s = 0.3\nmin_attempt_s = 0.5\n")
+        args = coordinator_args(self.repo, self.work, self.coordinator_port, *self._signing(),
+                                *extra)  # fmt: skip
+        args[0:1] = ["serve", "--nodes", "1", "--in-process-node", "--node-config",
+                     str(node_config)]  # fmt: skip
+        self.coordinator, _ = _start(args, self.work / "coordinator.log")
+
     def start_node(
         self, node_id: str, *extra: str, threads: int = 1, env: dict[str, str] | None = None
     ) -> str:

@@ -113,20 +113,32 @@ def _record(
 
 
 def generation_failover(
-    work: Path, streams: int = 8, tokens: int = 24, step_timeout_s: float = 2.0
+    work: Path,
+    streams: int = 8,
+    tokens: int = 24,
+    step_timeout_s: float = 2.0,
+    in_process: bool = False,
 ) -> list[FaultRecord]:
-    """The kill and the freeze, each against the undisturbed run of the same streams."""
+    """The kill and the freeze, each against the undisturbed run of the same streams.
+    ``in_process``: the coordinator is ``appliance serve --in-process-node`` (its node
+    ``local-0`` one of the four); the kill takes the other replica of local-0's span, the
+    freeze a node of the other span."""
     repo = work / "repo"
     repo.mkdir(parents=True)
     (repo / NAME).symlink_to(smollm2_repo() / NAME)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(streams)]
     load = f"{streams} greedy streams x {tokens} tokens; 4 nodes, 2 spans x 2 replicas"
+    if in_process:
+        load += "; the coordinator's process holds one node"
     check = TokenCheck()
     ring = Ring(work, repo)
     records = []
     try:
-        ring.start_coordinator("--step-timeout-s", str(step_timeout_s))
-        for node in "abcd":
+        if in_process:
+            ring.start_serve_in_process("--step-timeout-s", str(step_timeout_s))
+        else:
+            ring.start_coordinator("--step-timeout-s", str(step_timeout_s))
+        for node in "bcd" if in_process else "abcd":
             ring.start_node(node)
         ring.wait_members(4)
         ring.load(NAME, 2, 2)
@@ -143,6 +155,8 @@ def generation_failover(
             among = set(ring.nodes) if how == "kill" else next(
                 s for s in spans if all(n in ring.nodes and ring.nodes[n].poll() is None for n in s)
             )  # fmt: skip
+            if in_process and how == "kill":  # local-0's span keeps one replica: local-0
+                among = next(s for s in spans if "local-0" in s) - {"local-0"}
             victim: list[str] = []
             replays = metric_sum(ring.url, "appliance_generation_replays_total")
             replay_s = metric_sum(ring.url, "appliance_generation_replay_seconds_sum")
@@ -175,6 +189,10 @@ def generation_failover(
             records.append(record)
             if how == "kill":
                 ring.nodes.pop(victim[0]).wait(timeout=10)
+        if in_process:  # how many ring calls were function calls, not HTTP
+            calls = metric_sum(ring.url, "appliance_in_process_calls_total")
+            for record in records:
+                record.details["in_process_calls"] = int(calls)
     finally:
         ring.stop()
     return records
