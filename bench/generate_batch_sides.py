@@ -39,6 +39,11 @@ LABELS = {
     "serve-1span-no-ahead": ("S1-no-ahead", "the same, no decode ahead (before)", "fp32"),
     "serve-1span-one-process": ("S1-1p", "the same, the node in the coordinator's process", "fp32"),
     "serve-3span": ("S3", "appliance serve, 3 nodes (3 spans)", "fp32"),
+    "serve-3span-one-process": (
+        "S3-1p",
+        "the same, the first node in the coordinator's process",
+        "fp32",
+    ),
     "serve-1span-int4": ("S1-int4", "appliance serve, 1 node (1 span)", "int4"),
     "limit-inproc-batched-int4": (
         "L-int4",
@@ -120,6 +125,7 @@ PAIRS = [
     ("serve-1span", "serve-1span-no-ahead"),
     ("serve-1span", "serve-1span-1by1"),
     ("serve-1span-one-process", "serve-1span"),
+    ("serve-3span-one-process", "serve-3span"),
 ]
 
 

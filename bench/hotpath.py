@@ -147,7 +147,7 @@ def run(work: Path, args: argparse.Namespace, use_ray: bool) -> dict[str, Any]:
         print("starting the node(s) and appliance serve ...", flush=True)
         servers["node"] = systems.start_node(repo, MODEL, 0, BATCH)  # today: onnxruntime's
         full = args.focus == "all"
-        if args.focus in ("all", "serve"):
+        if args.focus in ("all", "serve") and not args.no_levers:
             servers["serve one process"] = systems.ServeProcess(
                 repo, MODEL, 1, work / "serve-1p", ("--in-process-node",)
             )
@@ -315,6 +315,7 @@ def _measures(
     }
     if args.focus in ("all", "serve"):
         measures[SERVE_TODAY] = served("serve")
+    if args.focus in ("all", "serve") and not args.no_levers:
         measures[SERVE_ONE_PROCESS] = served("serve one process")
     if use_ray:
         measures["Ray Serve + @serve.batch(32), default proxy"] = ray(False)
