@@ -113,6 +113,7 @@ class SequenceChain:
         self._excluded: set[str] = set()
         self._suspects: set[str] = set()  # replicas a timed-out step found unresponsive
         self._grouped = False  # this chain's one-token steps go through c.step_groups
+        self._counted: rp.PeerUrl | None = None  # the first-span node this chain counts on
 
     def _new_ref(self) -> SequenceRef:
         return SequenceRef(self.entry.name, self.entry.digest, uuid.uuid4().hex, self.request_id)
@@ -120,6 +121,17 @@ class SequenceChain:
     @property
     def first_url(self) -> rp.PeerUrl:
         return self.route[0].replicas[0]
+
+    def _count_on(self, url: rp.PeerUrl | None) -> None:
+        """Count this sequence on the first-span node ``url`` (None: on none). It counts from
+        the moment it is pinned, not once its open is answered: a burst of sequences pinned in
+        one turn of the loop would otherwise all see the same loads and all take one chain."""
+        on = self.c.sequences_on
+        if self._counted is not None:
+            on[self._counted] -= 1
+        if url is not None:
+            on[url] = on.get(url, 0) + 1
+        self._counted = url
 
     def _pin(self) -> list[rp.RouteStep]:
         """One replica per span: live, not ejected; the chain holding the longest cached
@@ -144,6 +156,7 @@ class SequenceChain:
             return cached_prefix(self.prompt, holdings[index].get(url)) if self.prompt else 0
 
         chosen = choose_chain(candidates, cached, self.c.sequences_on, self._latencies(members))
+        self._count_on(chosen[0])
         # decode steps go grouped when every node of the chain answers grouped steps
         self._grouped = self.c.config.group_steps and all(
             (m := members.get(u)) is not None and m.protocol >= GROUPED_STEPS_PROTOCOL
@@ -368,6 +381,7 @@ class SequenceChain:
             self.c.track(task)
 
     async def close(self) -> None:
+        self._count_on(None)
         await self._close(self.route, self.ref)
 
     async def _close(self, route: list[rp.RouteStep], ref: SequenceRef) -> None:

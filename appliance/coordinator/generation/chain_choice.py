@@ -3,9 +3,9 @@
 Every token of a sequence crosses every link of its chain, so for decode the chain's summed
 link latency is paid per token. Among the chains through live replicas, the choice is, in
 order: the longest cached prefix of the prompt (the smallest along the chain: where all its
-spans can start), the least loaded first span (sequences already started there), then the
-lowest summed latency from the coordinator along the chain. Links not measured count the
-median of the measured ones.
+spans can start), the least loaded first span (sequences pinned there, each counted from its
+pin, so that a burst spreads), then the lowest summed latency from the coordinator along the
+chain. Links not measured count the median of the measured ones.
 """
 
 from __future__ import annotations

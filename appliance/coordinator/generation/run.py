@@ -35,7 +35,6 @@ from appliance.coordinator.placement import Placement
 from appliance.coordinator.request_policy import CacheControl
 from appliance.coordinator.switch import counting
 from appliance.errors import BadRequest
-from appliance.ring import protocol as rp
 from cache.keys import cache_key
 from runtime.deadline import Deadline
 from runtime.text import PackageText, StopMatcher
@@ -161,7 +160,6 @@ class GenerationRun:
 
     async def _generate(self, key: bytes | None) -> AsyncGenerator[Chunk, None]:
         chain = self.chain
-        counted: rp.PeerUrl | None = None
         metrics = self.c.metrics
         metrics.sequences.labels(self.entry.name).inc()
         metrics.tokens.labels(self.entry.name, "prompt").inc(len(self.ids))
@@ -173,19 +171,13 @@ class GenerationRun:
                     log.info("sequence %s: its client went away after %d token(s)",
                              chain.ref.sequence_id, len(generated))  # fmt: skip
                     return
-                if counted is None:  # open, then the prompt less its cached prefix
+                if not generated:  # open, then the prompt less its cached prefix
                     feed = await chain.begin()
-                    counted = chain.first_url
-                    self.c.sequences_on[counted] = self.c.sequences_on.get(counted, 0) + 1
                     self.usage.cached_tokens = chain.cached_tokens
                     metrics.tokens.labels(self.entry.name, "cached").inc(chain.cached_tokens)
                     token = await chain.step(feed)
                 else:
                     token = await chain.step([generated[-1]])
-                if chain.first_url != counted:  # rebuilt elsewhere
-                    self.c.sequences_on[counted] -= 1
-                    counted = chain.first_url
-                    self.c.sequences_on[counted] = self.c.sequences_on.get(counted, 0) + 1
                 now = time.perf_counter()
                 if self.first_token_s is None:
                     self.first_token_s = now - started
@@ -200,8 +192,6 @@ class GenerationRun:
                     self._offer(key, generated)
                     return
         finally:
-            if counted is not None:
-                self.c.sequences_on[counted] -= 1
             metrics.sequences.labels(self.entry.name).dec()
             # freed on every span even when the client went away (this task is cancelled)
             with contextlib.suppress(BaseException):
