@@ -96,7 +96,7 @@ class Coordinator:
         )
         self.stats: dict[tuple[str, str], ModelStats] = {}  # by model and version
         self.texts: dict[str, PackageText] = {}  # tokenizers and chat templates, by digest
-        self.sequences_on: dict[PeerUrl, int] = {}  # live sequences by first-span node
+        self.sequences_on: dict[PeerUrl, int] = {}  # live sequences by node, a span each
         self.streams_by_client: dict[str, int] = {}  # open generation streams per client
         self.inference = InferencePath(self)
         # what each kind of job runs (the generation routes add theirs when the app is built)

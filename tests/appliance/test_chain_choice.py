@@ -1,5 +1,6 @@
 """The chain a new sequence is pinned to, as a pure function: the longest cached prefix along
-the chain, then the least loaded first span, then the lowest summed link latency."""
+the chain, then the least loaded chain (summed over its spans), then the lowest summed link
+latency."""
 
 from __future__ import annotations
 
@@ -45,6 +46,19 @@ def test_a_cached_prefix_counts_along_the_whole_chain_and_comes_first() -> None:
     chosen = choose_chain([["a1", "a2"], ["b1", "b2"]], cached, {"a1": 3}, latency)
     assert chosen == ["a2", "b1"]  # a1 has 3 sequences started on it: load before latency
     assert choose_chain([["a1", "a2"], ["b1", "b2"]], cached, {}, latency) == ["a1", "b1"]
+
+
+def test_the_load_of_every_span_counts_and_a_burst_spreads_over_every_replica() -> None:
+    candidates = [["a1", "a2"], ["b1", "b2"]]
+    latency = {(ORIGIN, "a1"): 0.001, (ORIGIN, "a2"): 0.002}
+    # a1 is the busier first span, but b1 after it is busier still
+    assert choose_chain(candidates, no_cache, {"a2": 1, "b1": 2}, latency) == ["a1", "b2"]
+    # eight sequences pinned one after another, each counted on its chain's nodes at once
+    load: dict[str, int] = {}
+    for _ in range(8):
+        for url in choose_chain(candidates, no_cache, load, latency):
+            load[url] = load.get(url, 0) + 1
+    assert load == {"a1": 4, "a2": 4, "b1": 4, "b2": 4}
 
 
 def test_unmeasured_links_count_the_median_of_the_measured() -> None:

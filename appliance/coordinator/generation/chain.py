@@ -113,7 +113,7 @@ class SequenceChain:
         self._excluded: set[str] = set()
         self._suspects: set[str] = set()  # replicas a timed-out step found unresponsive
         self._grouped = False  # this chain's one-token steps go through c.step_groups
-        self._counted: rp.PeerUrl | None = None  # the first-span node this chain counts on
+        self._counted: list[rp.PeerUrl] = []  # the nodes this chain counts on, a span each
 
     def _new_ref(self) -> SequenceRef:
         return SequenceRef(self.entry.name, self.entry.digest, uuid.uuid4().hex, self.request_id)
@@ -122,20 +122,20 @@ class SequenceChain:
     def first_url(self) -> rp.PeerUrl:
         return self.route[0].replicas[0]
 
-    def _count_on(self, url: rp.PeerUrl | None) -> None:
-        """Count this sequence on the first-span node ``url`` (None: on none). It counts from
+    def _count_on(self, urls: list[rp.PeerUrl]) -> None:
+        """Count this sequence on the nodes of its chain ``urls`` ([]: on none). It counts from
         the moment it is pinned, not once its open is answered: a burst of sequences pinned in
         one turn of the loop would otherwise all see the same loads and all take one chain."""
         on = self.c.sequences_on
-        if self._counted is not None:
-            on[self._counted] -= 1
-        if url is not None:
+        for url in self._counted:
+            on[url] -= 1
+        for url in urls:
             on[url] = on.get(url, 0) + 1
-        self._counted = url
+        self._counted = list(urls)
 
     def _pin(self) -> list[rp.RouteStep]:
         """One replica per span: live, not ejected; the chain holding the longest cached
-        prefix of the prompt, then the least loaded first span, then the lowest summed link
+        prefix of the prompt, then the least loaded chain, then the lowest summed link
         latency (``chain_choice``)."""
         route = self.c.cluster.route(
             self.entry.name, self.entry.digest, len(self.entry.sizes), self.placement,
@@ -156,7 +156,7 @@ class SequenceChain:
             return cached_prefix(self.prompt, holdings[index].get(url)) if self.prompt else 0
 
         chosen = choose_chain(candidates, cached, self.c.sequences_on, self._latencies(members))
-        self._count_on(chosen[0])
+        self._count_on(chosen)
         # decode steps go grouped when every node of the chain answers grouped steps
         self._grouped = self.c.config.group_steps and all(
             (m := members.get(u)) is not None and m.protocol >= GROUPED_STEPS_PROTOCOL
@@ -381,7 +381,7 @@ class SequenceChain:
             self.c.track(task)
 
     async def close(self) -> None:
-        self._count_on(None)
+        self._count_on([])
         await self._close(self.route, self.ref)
 
     async def _close(self, route: list[rp.RouteStep], ref: SequenceRef) -> None:

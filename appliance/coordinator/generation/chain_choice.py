@@ -3,9 +3,10 @@
 Every token of a sequence crosses every link of its chain, so for decode the chain's summed
 link latency is paid per token. Among the chains through live replicas, the choice is, in
 order: the longest cached prefix of the prompt (the smallest along the chain: where all its
-spans can start), the least loaded first span (sequences pinned there, each counted from its
-pin, so that a burst spreads), then the lowest summed latency from the coordinator along the
-chain. Links not measured count the median of the measured ones.
+spans can start), the least loaded chain (the sequences pinned on its nodes, summed along it:
+every span's replicas share the load, not only the first's), then the lowest summed latency
+from the coordinator along the chain. Links not measured count the median of the measured
+ones.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def choose_chain(
 ) -> list[U]:
     """One replica per span from ``candidates`` (each span's live replicas, preference order
     breaking the last ties); ``cached(span index, replica)``: prompt tokens it holds cached;
+    ``load[replica]``: sequences pinned on it, once for each span of their chain it holds;
     ``latency[(from, to)]``: a link's latency in seconds, ``ORIGIN`` for the coordinator."""
     if any(not c for c in candidates):
         raise ValueError("every span needs at least one candidate replica")
@@ -44,7 +46,8 @@ def choose_chain(
         hops: list[str] = [ORIGIN, *chain]
         summed = sum((link(a, b) for a, b in itertools.pairwise(hops) if a != b), 0.0)
         rank = tuple(candidates[i].index(u) for i, u in enumerate(chain))
-        return (-prefix, load.get(chain[0], 0), round(summed, 9), rank)
+        pinned = sum(load.get(u, 0) for u in chain)
+        return (-prefix, pinned, round(summed, 9), rank)
 
     if math.prod(len(c) for c in candidates) <= MAX_CHAINS:
         chains: list[list[U]] = [list(c) for c in itertools.product(*candidates)]
