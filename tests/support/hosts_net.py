@@ -32,6 +32,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,15 @@ def _run(*args: str, check: bool = True, timeout: float = 30) -> subprocess.Comp
     if check and result.returncode != 0:
         raise HostsUnavailable(f"{' '.join(args)} failed: {result.stderr.strip()}")
     return result
+
+
+def _operstate(ns: str, dev: str) -> str:
+    """A link's operational state in namespace ``ns`` (UP, DOWN, LOWERLAYERDOWN, ...)."""
+    shown = _run("ip", "-n", ns, "-j", "link", "show", "dev", dev, check=False)
+    try:
+        return str(json.loads(shown.stdout or "[]")[0].get("operstate", ""))
+    except (ValueError, IndexError, AttributeError):
+        return ""
 
 
 def _alive(pid: int) -> bool:
@@ -215,7 +225,17 @@ class Hosts:
         _run("ip", "-n", self.bridge, "link", "set", self[name].port, "down")
 
     def plug(self, name: str) -> None:
-        _run("ip", "-n", self.bridge, "link", "set", self[name].port, "up")
+        """Plug the cable back in; returns once both ends of it report carrier (up to 3 s): a
+        veth pair set up takes a moment to pass frames, and a connection tried at once failed
+        (one run in a suite of hundreds)."""
+        port = self[name].port
+        _run("ip", "-n", self.bridge, "link", "set", port, "up")
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            states = [_operstate(self.bridge, port), _operstate(self[name].ns, "eth0")]
+            if states == ["UP", "UP"]:
+                return
+            time.sleep(0.02)
 
     def limit(self, name: str, rate: str = "1gbit", burst: str = "256kb") -> None:
         """A token bucket on both ends of the host's cable: ``rate`` each way."""
