@@ -23,18 +23,16 @@ LocalCall = Callable[[str, Mapping[str, str], bytes], Awaitable[HopAnswer]]
 
 @dataclass
 class LocalPeers:
-    calls: dict[str, LocalCall] = field(default_factory=dict)  # by base URL
-    paths: dict[str, frozenset[str]] = field(default_factory=dict)  # what each one answers
+    # by base URL: the paths that member answers in process, and its call
+    members: dict[str, tuple[frozenset[str], LocalCall]] = field(default_factory=dict)
     # told the base URL of each call answered in process (the coordinator's metrics)
     observers: list[Callable[[str], None]] = field(default_factory=list)
 
     def add(self, base_url: str, paths: frozenset[str], call: LocalCall) -> None:
-        self.calls[base_url.rstrip("/")] = call
-        self.paths[base_url.rstrip("/")] = paths
+        self.members[base_url.rstrip("/")] = (paths, call)
 
     def remove(self, base_url: str) -> None:
-        self.calls.pop(base_url.rstrip("/"), None)
-        self.paths.pop(base_url.rstrip("/"), None)
+        self.members.pop(base_url.rstrip("/"), None)
 
     def local(self, url: str) -> tuple[LocalCall, str, str] | None:
         """The in-process call for ``url``, its base and path; None: it goes over the network."""
@@ -43,10 +41,10 @@ class LocalPeers:
         if cut < 0:
             return None
         base, path = url[:cut], url[cut:]
-        call = self.calls.get(base)
-        if call is None or path not in self.paths[base]:
+        member = self.members.get(base)
+        if member is None or path not in member[0]:
             return None
-        return call, base, path
+        return member[1], base, path
 
     def wrap(self, post: HopPost) -> HopPost:
         """``post`` with the calls to members of this process answered in process."""
