@@ -134,12 +134,14 @@ async def start_coordinator(tmp_path: Path) -> AsyncIterator[StartCoordinator]:
                 join=url,
                 node_id=f"n{index}",
                 cluster_secrets=[secret],
-                heartbeat_interval_s=0.2,
-                **(
-                    node_settings[index]
-                    if isinstance(node_settings, list)
-                    else (node_settings or {})
-                ),
+                **{
+                    "heartbeat_interval_s": 0.2,
+                    **(
+                        node_settings[index]
+                        if isinstance(node_settings, list)
+                        else (node_settings or {})
+                    ),
+                },
             )
             node_app = build_node_app(node_config, local)
             node_runner, node_port = await start_app(node_app, "127.0.0.1", 0, access_log)

@@ -126,24 +126,27 @@ async def unload_span(
     body: dict[str, Any] = {"model": model, "first": first, "last": last}
     if digest is not None:
         body["digest"] = digest
+
+    def goes(s: HeldSpan) -> bool:
+        return (s.model == model and s.first == first and s.last == last
+                and (digest is None or s.digest == digest))  # fmt: skip
+
     # out of routes first: hops sent meanwhile would meet a slot going away (409, retried)
-    member.spans = [
-        s
-        for s in member.spans
-        if not (
-            s.model == model
-            and s.first == first
-            and s.last == last
-            and (digest is None or s.digest == digest)
-        )
-    ]
+    member.spans = [s for s in member.spans if not goes(s)]
     try:
         async with c.session.post(member.address + "/internal/unload", json=body) as response:
             answer = await response.json() if response.status == 200 else {}
-        # a heartbeat the node built before this unload must not bring the span back
-        member.generation = max(member.generation, int(answer.get("generation", 0)))
     except (aiohttp.ClientError, ValueError) as exc:
         log.warning("unload on %s failed: %s", member.node_id, exc)
+        return
+    # a heartbeat built before this unload may have replaced the record meanwhile and brought
+    # the span back (a rolling switch then saw no room for the new chain): drop it from the
+    # record that is current, and keep its generation so that no older heartbeat restores it
+    current = c.cluster.members.get(member.node_id)
+    if current is None or current.incarnation != member.incarnation:
+        return
+    current.spans = [s for s in current.spans if not goes(s)]
+    current.generation = max(current.generation, int(answer.get("generation", 0)))
 
 
 @contextmanager

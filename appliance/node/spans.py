@@ -84,7 +84,7 @@ async def unload_span(request: web.Request) -> web.Response:
         slots = [rp.slot_name(model, first, last, str(digest))]
     else:
         prefix = rp.slot_prefix(model, first, last)
-        held = [*state[DECODERS].slots, *(m.name for m in state[REGISTRY].loaded())]
+        held = [*state[DECODERS].slots, *state[REGISTRY].names()]  # slot names, not models
         slots = [name for name in held if name.startswith(prefix)]
     unloaded = []
     for slot in slots:

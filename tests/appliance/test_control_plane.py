@@ -23,6 +23,8 @@ from appliance.coordinator.state import (
     save_placements,
 )
 from appliance.errors import BadRequest, ConfigError, DoesNotFit
+from appliance.node.keys import REGISTRY
+from appliance.node.membership import member_status
 from appliance.ring.balancer import ReplicaStats, pick, score
 from exporter.package_writer import write_package
 from runtime.calibration import calibration_graph, measure_speed
@@ -193,6 +195,45 @@ async def test_a_node_refuses_a_load_beyond_its_budget_whatever_the_coordinator_
     await switch.load_span(ring.service, member, entry, 0, 0)
     with pytest.raises(DoesNotFit, match="memory budget is .* MiB; its spans take"):
         await switch.load_span(ring.service, member, entry, 1, 1)  # a stale view asking more
+
+
+async def test_unloading_a_model_frees_its_spans_on_every_node(
+    tmp_path: Path, start_coordinator: StartCoordinator
+) -> None:
+    ring = await start_coordinator(two_span_repo(tmp_path / "repo"), nodes=2)
+    await ring.service.load("dense2", 2, 1)
+    assert all(node.app[REGISTRY].loaded() for node in ring.nodes)
+    await ring.service.unload("dense2")
+    assert not any(node.app[REGISTRY].loaded() for node in ring.nodes)  # memory given back
+    await asyncio.sleep(0.5)  # heartbeats after the unload
+    assert not any(m.spans for m in ring.service.cluster.members.values())
+
+
+async def test_a_heartbeat_built_before_an_unload_does_not_bring_the_span_back(
+    tmp_path: Path, start_coordinator: StartCoordinator
+) -> None:
+    # the race that failed a rolling switch in CI: a heartbeat the node built before the
+    # unload lands while the unload is on its way, and replaces the member record
+    ring = await start_coordinator(
+        two_span_repo(tmp_path / "repo"), nodes=1, node_timeout_s=120,
+        node_settings={"heartbeat_interval_s": 60},  # only the heartbeat the test sends
+    )  # fmt: skip
+    c = ring.service
+    await c.load("dense2", 1, 1)
+    node, member = ring.nodes[0], next(iter(c.cluster.members.values()))
+    await asyncio.sleep(0)
+    stale = member_status(node.app)  # holds the span, at the generation before the unload
+    assert stale["spans"] and stale["generation"] == member.generation
+    unload = asyncio.create_task(switch.unload_span(c, member, "dense2", 0, 1, None))
+    await asyncio.sleep(0)  # the unload request is on its way
+    c.cluster.heartbeat(stale, asyncio.get_running_loop().time())
+    await unload
+    assert not node.app[REGISTRY].loaded()  # the node let it go (every version: no digest)
+    current = c.cluster.members[member.node_id]
+    assert current is not member and not current.spans, current.spans
+    c.cluster.heartbeat(stale, asyncio.get_running_loop().time())  # arriving even later
+    assert not c.cluster.members[member.node_id].spans
+    assert switch.capacities(c, [c.cluster.members[member.node_id]])[0].memory_budget > 0
 
 
 async def test_default_stages_are_used_unless_the_load_names_stages(
