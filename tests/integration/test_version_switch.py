@@ -15,6 +15,7 @@ from tests.support.harness import Ring, http
 from tests.support.switch import export_version, reference, switch_under_load
 
 IDS = (np.arange(12, dtype=np.int64).reshape(1, 12) * 7) % 300
+LONG_IDS = (np.arange(4096, dtype=np.int64).reshape(1, 4096) * 7) % 300  # ~0.3 s in process
 V1_SEED, V2_SEED = 0, 1
 # one span of the switch model needs ~152 MiB as placement counts it (150 MiB fixed + 1.15 x
 # its ~2 MB): this budget holds one span and not two
@@ -73,8 +74,10 @@ def test_switch_side_by_side_then_rollback_by_name_under_load(tmp_path: Path) ->
 
         urls = list(ring.node_urls.values())
         v2 = _v2_digest(ring)
-        result = switch_under_load(ring.url, urls, IDS, refs, v1, v2, {})
+        long = (LONG_IDS, {"v1": reference(LONG_IDS, V1_SEED), "v2": reference(LONG_IDS, V2_SEED)})
+        result = switch_under_load(ring.url, urls, IDS, refs, v1, v2, {}, long=long)
         _assert_clean_switch(result, "v1", "v2")
+        assert result.long["v1"] > 0 and not result.long.keys() - {"v1", "v2"}, result.long
         # v1 kept working on the nodes while v2 was loaded, and had requests in flight at the
         # flip (they finished on it: none failed, none was answered by a mix)
         assert result.old_busy_samples > 0, (result.node_samples, result.during)

@@ -186,6 +186,7 @@ class SwitchResult:
     errors: list[str]
     rss_before: dict[str, float]  # by node URL, before the load call
     rss_both: dict[str, float]  # the most while the node held both versions
+    long: Counter[str] = field(default_factory=Counter)  # the long requests' answers
 
     @property
     def seconds(self) -> float:
@@ -210,9 +211,17 @@ def switch_under_load(
     clients: int = 8,
     settle_s: float = 2.0,
     token: str = "",
+    long: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
 ) -> SwitchResult:
-    """Clients running before the load call until ``settle_s`` after it returns."""
-    with ClosedLoop(coordinator_url, ids, references, clients) as loop:
+    """Clients running before the load call until ``settle_s`` after it returns. ``long``:
+    (ids, references) of requests many times as long, sent one after another by one more
+    client: the coordinator's requests of the short clients leave and return together (hop
+    batching), so the flip may come in a gap between them; a long one is in flight then."""
+    long_ids, long_refs = long if long is not None else (ids, references)
+    with (
+        ClosedLoop(coordinator_url, ids, references, clients) as loop,
+        ClosedLoop(coordinator_url, long_ids, long_refs, 1 if long else 0) as long_loop,
+    ):
         end = time.monotonic() + 30
         while loop.answered() < clients * 3 and time.monotonic() < end:
             time.sleep(0.02)
@@ -243,6 +252,7 @@ def switch_under_load(
         loop.errors,
         sampler.rss_before,
         sampler.rss_both,
+        long_loop.labels(),
     )
 
 
