@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -173,7 +174,10 @@ class Serve:
         self.server.pause()
         self.settings = {"command": self.server.command, "url": self.url}
 
-    def run(self, texts: list[str], ids: list[list[int]], new: int) -> dict[str, float]:
+    def run(
+        self, texts: list[str], ids: list[list[int]], new: int, probe: Any = None
+    ) -> dict[str, float]:
+        """One round; ``probe``: a context manager held while the streams run (a profiler)."""
         import aiohttp
 
         async def go() -> list[tuple[float, list[float]]]:
@@ -187,7 +191,8 @@ class Serve:
         self.server.resume()
         time.sleep(0.5)
         try:
-            results = self.runner.run(go())
+            with probe if probe is not None else contextlib.nullcontext():
+                results = self.runner.run(go())
         finally:
             self.server.pause()
         return figures([s for s, _ in results], [t for _, t in results])
