@@ -37,10 +37,12 @@ from bench.generate_inproc import ensure_package, package_encoder
 from bench.profile import top_frames
 from bench.report import save_report
 
-SIDES = {  # key: (nodes, serve flags)
-    "S1": (1, ()),
-    "S3": (3, ()),
-    "S3-1p": (3, ("--in-process-node",)),
+SIDES: dict[str, tuple[int, tuple[str, ...], str]] = {  # key: (nodes, serve flags, node TOML)
+    "S1": (1, (), ""),
+    "S3": (3, (), ""),
+    "S3-1p": (3, ("--in-process-node",), ""),
+    # decode batches that do not wait for the rows of the last runs (decode_gather_us = 0)
+    "S3-no-gather": (3, (), "decode_gather_us = 0\n"),
 }
 ONNXRUNTIME = ("Session.run", "run_with_ort_values", "run_with_iobinding")
 
@@ -184,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         for key in wanted:
-            nodes, flags = SIDES[key]
+            nodes, flags, toml = SIDES[key]
+            if toml:
+                path = args.work / f"node-{key}.toml"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(toml)
+                flags = (*flags, "--node-config", str(path))
             say(f"starting ({key}): appliance serve --nodes {nodes} {' '.join(flags)}")
             sides[key] = Serve(repo, nodes, args.work, runner, extra=flags,
                                variant=f"profile-{key}")  # fmt: skip
