@@ -41,8 +41,6 @@ SIDES: dict[str, tuple[int, tuple[str, ...], str]] = {  # key: (nodes, serve fla
     "S1": (1, (), ""),
     "S3": (3, (), ""),
     "S3-1p": (3, ("--in-process-node",), ""),
-    # decode batches that do not wait for the rows of the last runs (decode_gather_us = 0)
-    "S3-no-gather": (3, (), "decode_gather_us = 0\n"),
 }
 ONNXRUNTIME = ("Session.run", "run_with_ort_values", "run_with_iobinding")
 

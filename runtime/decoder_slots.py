@@ -96,8 +96,12 @@ class DecoderSlot:
         self.on_freed: Callable[[], None] = lambda: None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decoder")
         limits = self.limits
+        # a span that holds part of the model does not gather: the rows it waits for are on
+        # the next spans' nodes, and the cohorts that form without the wait let the spans of
+        # a chain compute at once (3 spans, 32 streams: 1.29x tok/s; docs/performance.md)
+        gather_s = limits.gather_s if span.is_first and span.is_last else 0.0
         self.batcher = StepBatcher(span, self._executor, limits.max_sequences,
-                                   limits.prefill_chunk_tokens, limits.gather_s,
+                                   limits.prefill_chunk_tokens, gather_s,
                                    limits.prefill_turn_tokens)  # fmt: skip
 
     @property

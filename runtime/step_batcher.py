@@ -18,7 +18,9 @@ and have not come back yet (``_gather``): up to ``gather_s`` or a quarter of the
 whichever is longer. Without it a span's streams split into halves that alternate for good
 (each half's next steps arrive while the other half runs): measured on SmolLM2 through
 ``appliance serve``, 16 streams ran as 137 runs of 8.2 rows on average for 64 tokens each. A row
-late by a quarter of a run costs less waiting than a run of its own.
+late by a quarter of a run costs less waiting than a run of its own. Only a span holding the
+whole model gathers (``DecoderSlot``): on a chain of spans the cohorts that alternate are what
+lets one span compute while the next runs the other cohort.
 
 Runs happen one at a time on the slot's executor thread (onnxruntime releases the GIL); the
 queues are touched only from the event loop. ``finish`` callbacks (sampling on the last span)

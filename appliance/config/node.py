@@ -127,9 +127,11 @@ class NodeConfig(ServerConfig):
     decode_gather_us: int = field(
         default=3000,
         metadata={
-            "help": "generation: a decode batch waits up to this, or a quarter of the last "
-            "run when that is longer, for the rows of the last two runs still on their way (so "
-            "streams stay in one batch instead of alternating halves); 0: no wait"
+            "help": "generation: a decode batch of a span holding the whole model waits up "
+            "to this, or a quarter of the last run when that is longer, for the rows of the "
+            "last two runs still on their way (so streams stay in one batch instead of "
+            "alternating halves); 0: no wait. A span holding part of a model never waits: "
+            "there, alternating cohorts let a chain's spans compute at once"
         },
     )
     decode_ahead: bool = field(

@@ -202,6 +202,17 @@ async def test_a_chunked_long_prefill_lets_the_others_decode() -> None:
     np.testing.assert_allclose(logits, want, atol=1e-3, rtol=0)
 
 
+async def test_only_a_span_holding_the_whole_model_gathers() -> None:
+    registry = await make_registry(gather_s=0.004)
+    try:
+        await registry.load("tiny-llm", 1, 0, LAYERS // 2 - 1, "front")
+        await registry.load("tiny-llm", 1, LAYERS // 2, LAYERS - 1, "back")
+        gathers = {name: slot.batcher.gather_s for name, slot in registry.slots.items()}
+    finally:
+        registry.close()
+    assert gathers == {"tiny": 0.004, "front": 0.0, "back": 0.0}
+
+
 async def test_two_halves_of_the_streams_merge_into_one_batch() -> None:
     """Streams whose next step comes back later than ``gather_s`` (but within a quarter of a
     run) would split into two halves that alternate for good, each arriving while the other
