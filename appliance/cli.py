@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
         "loopback HTTP hop (one machine, one process with --nodes 1); the others stay processes",
     )
     serve.add_argument(
+        "--node-threads",
+        type=int,
+        default=0,
+        help="onnxruntime threads of each local node's runs (default 0: the cores divided "
+        "among the nodes, at least 1)",
+    )
+    serve.add_argument(
         "--node-config",
         type=Path,
         help="TOML file with NodeConfig keys for the local nodes (what serve sets for them wins: "
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    skip = ("command", "config", "nodes", "node_config", "in_process_node")
+    skip = ("command", "config", "nodes", "node_config", "in_process_node", "node_threads")
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         if args.command == "serve":
@@ -129,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             configure_logging(coordinator_config.log_level, coordinator_config.log_format)
             return asyncio.run(
-                _serve(coordinator_config, args.nodes, args.node_config, args.in_process_node)
+                _serve(
+                    coordinator_config,
+                    args.nodes,
+                    args.node_config,
+                    args.in_process_node,
+                    args.node_threads,
+                )
             )
         if args.command == "coordinator":
             coordinator_config = load_config(
@@ -167,6 +180,7 @@ async def _serve(
     nodes: int,
     node_config: Path | None = None,
     in_process_node: bool = False,
+    node_threads: int = 0,
 ) -> int:
     """The demo (or the repository's models) on a coordinator and ``nodes`` local nodes."""
     from dataclasses import replace
@@ -174,6 +188,9 @@ async def _serve(
     from appliance.local_ring import LocalRing, run_local_ring
     from runtime.package import list_repository
 
+    if node_threads < 0:
+        raise ConfigError(f"--node-threads must be 0 (the cores shared out) or more, got "
+                          f"{node_threads}")  # fmt: skip
     if node_config is not None:  # its errors now, not from every node once the demos are built
         load_config(NodeConfig, node_config, {}, {"port": NODE_PORT})
     if config.model_repo:
@@ -191,7 +208,7 @@ async def _serve(
     work = Path(config.state_dir or repo / ".serve")
     ring = LocalRing(nodes, config.stages, config.replicas, models,
                      node_config=str(node_config.resolve()) if node_config else None,
-                     in_process_node=in_process_node)  # fmt: skip
+                     in_process_node=in_process_node, node_threads=node_threads)  # fmt: skip
     return await run_local_ring(config, ring, work)
 
 

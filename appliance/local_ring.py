@@ -49,6 +49,7 @@ class LocalRing:
     node_log_level: str = "warning"
     node_config: str | None = None  # a NodeConfig TOML the nodes read; their flags win
     in_process_node: bool = False  # node 0 runs in the coordinator's process
+    node_threads: int = 0  # each node's onnxruntime threads; 0: the cores shared out
 
 
 def local_stages(asked: int, default_stages: int, segments: int, nodes: int) -> tuple[int, str]:
@@ -64,6 +65,13 @@ def local_stages(asked: int, default_stages: int, segments: int, nodes: int) -> 
     if wanted > segments:
         return segments, f"{why}, but it has {segments} segment(s)"
     return wanted, why
+
+
+def threads_per_node(ring: LocalRing, cores: int) -> int:
+    """Each local node's onnxruntime threads: ``node_threads`` when given, else the cores
+    shared out among the nodes (at least 1), so nodes that all compute at once (replicas under
+    load, a chain's spans with cohorts in flight) do not oversubscribe the cores."""
+    return ring.node_threads or max(1, cores // ring.nodes)
 
 
 def node_command(
@@ -181,8 +189,7 @@ async def run_local_ring(config: CoordinatorConfig, ring: LocalRing, work: Path)
     server.before_stop.append(nodes.stop)
 
     async def main(listening: Listening, stop: asyncio.Event) -> int:
-        cores = os.cpu_count() or 1
-        threads = max(1, cores // ring.nodes)
+        threads = threads_per_node(ring, os.cpu_count() or 1)
         level, share = ring.node_log_level, ring.nodes
         commands = [
             node_command(

@@ -33,6 +33,8 @@ greedily for exactly ``--new-tokens`` tokens, EOS ignored:
       token back, the design before it;
   (S1-1p) the same as (S1) with ``--in-process-node``: the node in the coordinator's process,
       its steps function calls, not loopback HTTP; (S3-1p) (S3) with its first node so;
+  (S3-t2) (S3) with ``--node-threads 2``: each node's runs on 2 onnxruntime threads, not the
+      cores divided among the 3 nodes;
   (S1-int4) the same as (S1) with the int4 package (MatMulNBits weights, block 32);
   (L-int4) (L) on that int4 package: S1-int4's own limit (``int4_ratio_to_int4_limit``).
 
@@ -256,7 +258,7 @@ async def prefix_ttft(repo: Path, threads: int, rounds: int, system: list[int]) 
     }
 
 
-SIDES = ("L", "L0", "O", "P", "C", "S1", "S1-1by1", "S1-no-ahead", "S1-1p", "S3", "S3-1p",
+SIDES = ("L", "L0", "O", "P", "C", "S1", "S1-1by1", "S1-no-ahead", "S1-1p", "S3", "S3-1p", "S3-t2",
          "S1-int4", "L-int4")  # fmt: skip
 
 
@@ -303,6 +305,9 @@ def make_sides(
         ("S3-1p", "serve-3span-one-process",
          lambda: Serve(repo, 3, args.work, runner, extra=("--in-process-node",),
                        variant="one-process")),
+        ("S3-t2", "serve-3span-2threads",
+         lambda: Serve(repo, 3, args.work, runner, extra=("--node-threads", "2"),
+                       variant="2threads")),
         ("S1-int4", "serve-1span-int4",
          lambda: Serve(ensure_package(args.work, "int4", say), 1, args.work, runner, "int4")),
         ("L-int4", "limit-inproc-batched-int4",
