@@ -33,6 +33,8 @@ greedily for exactly ``--new-tokens`` tokens, EOS ignored:
       token back, the design before it;
   (S1-1p) the same as (S1) with ``--in-process-node``: the node in the coordinator's process,
       its steps function calls, not loopback HTTP; (S3-1p) (S3) with its first node so;
+  (S3-1c) (S3) with nodes that run every decode step waiting as one batch (``decode_cohorts =
+      1``), the design before cohorts;
   (S3-t2) (S3) with ``--node-threads 2``: each node's runs on 2 onnxruntime threads, not the
       cores divided among the 3 nodes;
   (S1-int4) the same as (S1) with the int4 package (MatMulNBits weights, block 32);
@@ -258,16 +260,16 @@ async def prefix_ttft(repo: Path, threads: int, rounds: int, system: list[int]) 
     }
 
 
-SIDES = ("L", "L0", "O", "P", "C", "S1", "S1-1by1", "S1-no-ahead", "S1-1p", "S3", "S3-1p", "S3-t2",
-         "S1-int4", "L-int4")  # fmt: skip
+SIDES = ("L", "L0", "O", "P", "C", "S1", "S1-1by1", "S1-no-ahead", "S1-1p", "S3", "S3-1p", "S3-1c",
+         "S3-t2", "S1-int4", "L-int4")  # fmt: skip
 
 
-def no_decode_ahead(work: Path) -> tuple[str, ...]:
-    """``appliance serve`` flags for local nodes that do not run steps ahead (the design
-    before ``decode_ahead``)."""
-    path = work / "node-no-decode-ahead.toml"
+def node_config(work: Path, name: str, toml: str) -> tuple[str, ...]:
+    """``appliance serve`` flags giving its local nodes the settings ``toml`` (the design
+    before a change, as a setting)."""
+    path = work / f"node-{name}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("decode_ahead = false\n")
+    path.write_text(toml)
     return ("--node-config", str(path))
 
 
@@ -296,7 +298,8 @@ def make_sides(
         ("S1-1by1", "serve-1span-1by1",
          lambda: Serve(repo, 1, args.work, runner, extra=("--no-group-steps",))),
         ("S1-no-ahead", "serve-1span-no-ahead",
-         lambda: Serve(repo, 1, args.work, runner, extra=no_decode_ahead(args.work),
+         lambda: Serve(repo, 1, args.work, runner,
+                       extra=node_config(args.work, "no-decode-ahead", "decode_ahead = false\n"),
                        variant="no-decode-ahead")),
         ("S1-1p", "serve-1span-one-process",
          lambda: Serve(repo, 1, args.work, runner, extra=("--in-process-node",),
@@ -305,6 +308,10 @@ def make_sides(
         ("S3-1p", "serve-3span-one-process",
          lambda: Serve(repo, 3, args.work, runner, extra=("--in-process-node",),
                        variant="one-process")),
+        ("S3-1c", "serve-3span-1cohort",
+         lambda: Serve(repo, 3, args.work, runner,
+                       extra=node_config(args.work, "1cohort", "decode_cohorts = 1\n"),
+                       variant="1cohort")),
         ("S3-t2", "serve-3span-2threads",
          lambda: Serve(repo, 3, args.work, runner, extra=("--node-threads", "2"),
                        variant="2threads")),

@@ -26,10 +26,13 @@ class DecoderLimits:
     prefix_block_tokens: int = 32  # tokens per prefix-cache block (0: no prefix cache)
     prefix_recent_blocks: int = 256  # block names a heartbeat reports per span
     decode_ahead: bool = True  # a span holding the whole model runs the next step unasked
+    decode_cohorts: int = 2  # a span holding part of a model: decode batches per step, at most
 
     def check(self) -> None:
         if self.max_sequences < 1:
             raise ValueError(f"max_sequences must be at least 1, got {self.max_sequences}")
+        if self.decode_cohorts < 1:
+            raise ValueError(f"decode_cohorts must be at least 1, got {self.decode_cohorts}")
         for name in ("max_queued_sequences", "prefill_chunk_tokens", "prefill_turn_tokens",
                      "prefix_block_tokens", "prefix_recent_blocks"):  # fmt: skip
             if getattr(self, name) < 0:

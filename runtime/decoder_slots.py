@@ -96,13 +96,17 @@ class DecoderSlot:
         self.on_freed: Callable[[], None] = lambda: None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decoder")
         limits = self.limits
-        # a span that holds part of the model does not gather: the rows it waits for are on
-        # the next spans' nodes, and the cohorts that form without the wait let the spans of
-        # a chain compute at once (3 spans, 32 streams: 1.29x tok/s; docs/performance.md)
-        gather_s = limits.gather_s if span.is_first and span.is_last else 0.0
+        # a span that holds part of the model splits its decode steps into cohorts that
+        # follow one another along the chain, so that its spans compute at once; it gathers
+        # only up to its cohort's rows (a gather up to every row kept one cohort: without it,
+        # 3 spans, 32 streams: 1.29x tok/s; docs/performance.md)
+        whole = span.is_first and span.is_last
+        cohorts = 1 if whole else limits.decode_cohorts
+        gather_s = limits.gather_s if whole or cohorts > 1 else 0.0
         self.batcher = StepBatcher(span, self._executor, limits.max_sequences,
                                    limits.prefill_chunk_tokens, gather_s,
-                                   limits.prefill_turn_tokens)  # fmt: skip
+                                   limits.prefill_turn_tokens, cohorts,
+                                   lambda: len(self.sequences))  # fmt: skip
 
     @property
     def name(self) -> str:

@@ -18,9 +18,17 @@ and have not come back yet (``_gather``): up to ``gather_s`` or a quarter of the
 whichever is longer. Without it a span's streams split into halves that alternate for good
 (each half's next steps arrive while the other half runs): measured on SmolLM2 through
 ``appliance serve``, 16 streams ran as 137 runs of 8.2 rows on average for 64 tokens each. A row
-late by a quarter of a run costs less waiting than a run of its own. Only a span holding the
-whole model gathers (``DecoderSlot``): on a chain of spans the cohorts that alternate are what
-lets one span compute while the next runs the other cohort.
+late by a quarter of a run costs less waiting than a run of its own.
+
+On a chain of spans the opposite is wanted: cohorts that follow one another, so that one span
+computes a cohort while the next runs another. A span holding part of a model (``cohorts`` > 1)
+splits its decode steps into ``cohorts`` batches when all of its open sequences wait at once
+(the open sequences / ``cohorts`` rows each, rounded up), and then gathers only the rows that
+ran with the ones waiting: each cohort stays whole. Fragments (more cohorts than ``cohorts``,
+of at most half a cohort's rows) wait up to one run for other rows to join. One cohort of 4
+streams on a chain of 3 spans keeps one span busy at a time; two cohorts of 2 keep two
+(measured in docs/performance.md, generation under concurrency). A span holding the whole
+model has no next span to overlap with: it runs one batch (``cohorts`` 1).
 
 Runs happen one at a time on the slot's executor thread (onnxruntime releases the GIL); the
 queues are touched only from the event loop. ``finish`` callbacks (sampling on the last span)
@@ -43,6 +51,7 @@ from runtime.decoder import DecoderSpan, SequenceKV
 
 Finish = Callable[[np.ndarray], Any]
 GATHER_SHARE = 0.25  # a batch waits for its missing rows up to this share of the last run
+KEEP_COHORT_RUNS = 8  # in cohorts, a row not seen for this many runs is waited for no more
 
 
 @dataclass
@@ -78,6 +87,8 @@ class StepBatcher:
         prefill_chunk_tokens: int = 64,
         gather_s: float = 0.0,
         prefill_turn_tokens: int = 256,
+        cohorts: int = 1,
+        active: Callable[[], int] = lambda: 0,
     ) -> None:
         self.span = span
         self.executor = executor
@@ -85,6 +96,8 @@ class StepBatcher:
         self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: a prompt runs whole
         self.gather_s = gather_s  # wait this long for rows of the last batch still missing
         self.prefill_turn_tokens = prefill_turn_tokens  # prompt tokens between decode batches
+        self.cohorts = max(1, cohorts)  # decode batches the open sequences split into, at most
+        self.active = active  # how many sequences are open on the span
         self.stats = BatchStats()
         self._decode: deque[_Work] = deque()
         self._prefill: deque[_Work] = deque()
@@ -148,39 +161,80 @@ class StepBatcher:
                 self._last_was_decode = False
             else:
                 await self._gather()
-                batch = [
-                    self._decode.popleft() for _ in range(min(self.max_rows, len(self._decode)))
-                ]
+                rows = min(self.cohort_rows(), len(self._decode))
+                batch = [self._decode.popleft() for _ in range(rows)]
                 await self._run_decode(loop, batch)
                 self._last_was_decode = True
             # let the callers just answered submit their next steps before the next batch forms
             await asyncio.sleep(0)
 
+    def cohort_rows(self) -> int:
+        """The most rows the next decode batch takes. In cohorts, when every open sequence
+        waits here (one cohort), they split into ``cohorts``; otherwise all that wait run:
+        capping them at a cohort's rows cut chance cohorts of 9 and 7 into 8, 1 and 7, whose
+        third run of 1 row cost a run of its own (16 streams on 3 spans, 0.65-0.90x tok/s)."""
+        if self.cohorts <= 1:
+            return self.max_rows
+        if len(self._decode) >= self.active():
+            return self._target()
+        return self.max_rows
+
+    def _merging(self) -> bool:
+        """More cohorts than ``cohorts`` and the rows waiting at most half a cohort's: a
+        fragment (a stream whose prompt finished apart, a row that came late) waits for
+        another cohort to join. Cohorts near their size stay as chance made them: merging 3
+        of 11 rows into 2 at 32 streams on 3 spans cost 0.78-1.03x tok/s."""
+        many = len(set(self._recent.values())) > self.cohorts
+        return many and len(self._decode) <= self._target() // 2
+
+    def _target(self) -> int:
+        """A cohort's rows: the open sequences / ``cohorts``, rounded up."""
+        return min(self.max_rows, max(1, -(-self.active() // self.cohorts)))
+
+    def _expected(self) -> tuple[set[str], int]:
+        """The rows a decode batch waits for, and how many rows end the wait. A whole model:
+        those of the last two runs (one batch of every stream). In cohorts: those that ran
+        with the rows waiting (each cohort whole); and while there are more cohorts than
+        ``cohorts`` (they form by chance as prompts finish), any recent row, until a cohort's
+        rows wait: one cohort of 1 and one of 2 beside one of 1 ran 4 streams at 39 tok/s on 3
+        spans, two of 2 at 51 (docs/performance.md)."""
+        if self.cohorts <= 1:
+            last_two = {key for key, run in self._recent.items() if run >= self._runs - 1}
+            return last_two, self.max_rows
+        if self._merging():
+            return set(self._recent), self._target()
+        runs = {self._recent.get(w.key) for w in self._decode}
+        return {key for key, run in self._recent.items() if run in runs}, self.max_rows
+
     async def _gather(self) -> None:
-        """Rows of the last two decode runs whose next step is on its way: wait a little for
-        them, so that one late row does not split the batch, nor two halves alternate."""
+        """Wait a little for the rows expected (``_expected``) that are still on their way,
+        so that one late row does not split a batch, nor two halves alternate (whole model),
+        nor a cohort split further (a chain's spans)."""
         if self.gather_s <= 0:
             return
         loop = asyncio.get_running_loop()
-        expected = {key for key, run in self._recent.items() if run >= self._runs - 1}
+        expected, enough = self._expected()
         missing = expected - {w.key for w in self._decode}
-        if not missing or len(self._decode) >= self.max_rows:
+        if not missing or len(self._decode) >= enough:
             return
-        deadline = loop.time() + max(self.gather_s, GATHER_SHARE * self._last_run_s)
+        # rows of another cohort come a run later: a merge waits up to one run
+        share = 1.0 if self.cohorts > 1 and self._merging() else GATHER_SHARE
+        deadline = loop.time() + max(self.gather_s, share * self._last_run_s)
         while missing and (left := deadline - loop.time()) > 0:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), left)
             missing = expected - {w.key for w in self._decode}
-            if len(self._decode) >= self.max_rows:
+            if len(self._decode) >= enough:
                 return
 
     async def _run_decode(self, loop: asyncio.AbstractEventLoop, batch: list[_Work]) -> None:
         self._runs += 1
         for work in batch:
             self._recent[work.key] = self._runs
-        for key in [k for k, run in self._recent.items() if run < self._runs - 1]:
-            del self._recent[key]  # not seen for two runs: no longer waited for
+        keep = 2 if self.cohorts <= 1 else KEEP_COHORT_RUNS
+        for key in [k for k, run in self._recent.items() if run <= self._runs - keep]:
+            del self._recent[key]  # not seen for that many runs: no longer waited for
         rows = len(batch)
         self.stats.decode_batches[rows] = self.stats.decode_batches.get(rows, 0) + 1
         self.stats.decode_tokens += rows

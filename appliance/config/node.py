@@ -130,8 +130,8 @@ class NodeConfig(ServerConfig):
             "help": "generation: a decode batch of a span holding the whole model waits up "
             "to this, or a quarter of the last run when that is longer, for the rows of the "
             "last two runs still on their way (so streams stay in one batch instead of "
-            "alternating halves); 0: no wait. A span holding part of a model never waits: "
-            "there, alternating cohorts let a chain's spans compute at once"
+            "alternating halves); 0: no wait. A span holding part of a model waits so only "
+            "for the rows of its cohort (decode_cohorts), and with decode_cohorts = 1 not at all"
         },
     )
     decode_ahead: bool = field(
@@ -140,6 +140,18 @@ class NodeConfig(ServerConfig):
             "help": "generation: a node holding a model whole runs each sequence's next decode "
             "step as soon as it has drawn the token, before the coordinator sends it back (one "
             "step ahead at most; thrown away when the sequence stops)"
+        },
+    )
+    decode_cohorts: int = field(
+        default=2,
+        metadata={
+            "help": "generation: a span holding part of a model runs its decode steps in this "
+            "many batches (cohorts), which follow one another along the chain so that its "
+            "spans compute at once: all of its sequences' steps waiting at once split so; a "
+            "cohort stays together (a late row of it is waited for, as decode_gather_us says); "
+            "while more cohorts have formed, a fragment of at most half a cohort's rows waits "
+            "up to one run for others to join it. 1: every step waiting runs in one batch, "
+            "and nothing is waited for"
         },
     )
     prefix_block_tokens: int = field(
@@ -160,6 +172,7 @@ class NodeConfig(ServerConfig):
             prefill_turn_tokens=self.prefill_turn_tokens,
             prefix_block_tokens=self.prefix_block_tokens,
             decode_ahead=self.decode_ahead,
+            decode_cohorts=self.decode_cohorts,
         )
 
     def session_settings(self) -> SessionSettings:

@@ -24,6 +24,7 @@ def test_node_settings_default_to_auto_threads_and_carry_runs_in_flight() -> Non
     [
         ({"intra_op_threads": -2}, "intra_op_threads must be -1 \\(auto\\)"),
         ({"runs_in_flight": 0}, "runs_in_flight must be at least 1"),
+        ({"decode_cohorts": 0}, "decode_cohorts must be at least 1"),
     ],
 )
 def test_node_settings_out_of_range_are_refused(changes: dict[str, int], message: str) -> None:

@@ -202,15 +202,104 @@ async def test_a_chunked_long_prefill_lets_the_others_decode() -> None:
     np.testing.assert_allclose(logits, want, atol=1e-3, rtol=0)
 
 
-async def test_only_a_span_holding_the_whole_model_gathers() -> None:
-    registry = await make_registry(gather_s=0.004)
+async def test_a_span_holding_part_of_a_model_gathers_only_its_cohort() -> None:
+    """A whole model gathers up to every row; a span holding part of one gathers up to its
+    cohort's rows, and not at all when it runs every step waiting as one batch."""
+    gathers = {}
+    for cohorts in (2, 1):
+        registry = await make_registry(gather_s=0.004, decode_cohorts=cohorts)
+        try:
+            await registry.load("tiny-llm", 1, 0, LAYERS // 2 - 1, "front")
+            await registry.load("tiny-llm", 1, LAYERS // 2, LAYERS - 1, "back")
+            for name, slot in registry.slots.items():
+                gathers[f"{name}-{cohorts}"] = (slot.batcher.gather_s, slot.batcher.cohorts)
+        finally:
+            registry.close()
+    assert gathers == {
+        "tiny-2": (0.004, 1), "front-2": (0.004, 2), "back-2": (0.004, 2),
+        "tiny-1": (0.004, 1), "front-1": (0.0, 1), "back-1": (0.0, 1),
+    }  # fmt: skip
+
+
+async def front_span_runs(cohorts: int) -> tuple[dict[int, int], list[np.ndarray]]:
+    """4 sequences on a span holding the first half of the model, every step submitted at
+    once for 5 tokens: its decode runs by rows, and the hidden states of the last step."""
+    registry = await make_registry(decode_cohorts=cohorts)
     try:
         await registry.load("tiny-llm", 1, 0, LAYERS // 2 - 1, "front")
-        await registry.load("tiny-llm", 1, LAYERS // 2, LAYERS - 1, "back")
-        gathers = {name: slot.batcher.gather_s for name, slot in registry.slots.items()}
+        front = registry.slots["front"]
+        names = [f"s{i}" for i in range(4)]
+        for name in names:
+            await front.open(name, 16, None, time.monotonic())
+        await asyncio.gather(*(front.step(n, 0, np.array([[5, 6, 7]]), time.monotonic())
+                               for n in names))  # fmt: skip
+        last: list[np.ndarray] = []
+        for k in range(5):
+            results = await asyncio.gather(
+                *(front.step(n, 3 + k, np.array([[10 + i + k]]), time.monotonic())
+                  for i, n in enumerate(names))
+            )  # fmt: skip
+            last = [np.asarray(r.hidden) for r in results]
+        return dict(front.batcher.stats.decode_batches), last
     finally:
         registry.close()
-    assert gathers == {"tiny": 0.004, "front": 0.0, "back": 0.0}
+
+
+async def test_a_span_holding_part_of_a_model_splits_its_steps_into_cohorts() -> None:
+    """Two cohorts of 2 rows instead of one batch of 4 (so that the next span can run one
+    while this one runs the other), with the same hidden states."""
+    split, split_hidden = await front_span_runs(2)
+    one, one_hidden = await front_span_runs(1)
+    assert split == {2: 10}, split
+    assert one == {4: 5}, one
+    for a, b in zip(split_hidden, one_hidden, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+async def test_chance_cohorts_on_a_span_holding_part_of_a_model_merge_into_two() -> None:
+    """4 streams whose prompts finish apart start as cohorts of 1, 1 and 2 rows; a span in
+    cohorts (2) waits for rows of the others while there are more than 2, so the streams run
+    as two cohorts of 2, which stay apart (the other spans' time between steps: 10 ms)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime.decoder import load_decoder_span
+    from runtime.package import open_package
+    from runtime.step_batcher import StepBatcher
+
+    package = open_package(shared_tiny_package(), "tiny-llm")
+    span = load_decoder_span(package, SETTINGS, 0, LAYERS // 2 - 1)
+    executor = ThreadPoolExecutor(1)
+    live: set[str] = set()
+    batcher = StepBatcher(span, executor, max_rows=16, gather_s=0.05, cohorts=2,
+                          active=lambda: len(live))  # fmt: skip
+    started: list[int] = []
+    marks: dict[str, dict[int, int]] = {}
+
+    async def stream(key: str, start_s: float) -> None:
+        await asyncio.sleep(start_s)
+        live.add(key)
+        kv = span.empty_kv()
+        await batcher.run(key, kv, np.array([[5, 6, 7]]), lambda out: None)
+        for k in range(16):
+            await batcher.run(key, kv, np.array([[9 + k]]), lambda out: None)
+            await asyncio.sleep(0.01)
+            if k == 3:
+                started.append(1)
+                if len(started) == 4:  # every stream past its first steps: the merge is over
+                    marks["start"] = dict(batcher.stats.decode_batches)
+        marks.setdefault("end", dict(batcher.stats.decode_batches))  # the first stream ends
+        live.discard(key)
+        batcher.forget(key)
+
+    try:
+        await asyncio.gather(stream("a", 0.0), stream("b", 0.015), stream("c", 0.03),
+                             stream("d", 0.03))  # fmt: skip
+    finally:
+        executor.shutdown()
+    between = {rows: n - marks["start"].get(rows, 0) for rows, n in marks["end"].items()}
+    print(f"decode runs by rows: all {batcher.stats.decode_batches}, in between {between}")
+    assert {rows: n for rows, n in between.items() if n} == {2: between[2]}, between
+    assert between[2] >= 10, between
 
 
 async def test_two_halves_of_the_streams_merge_into_one_batch() -> None:
