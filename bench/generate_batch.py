@@ -3,6 +3,7 @@
     python -m bench.generate_batch                 # 1/4/16/32 streams x 128 new tokens, 3 rounds
     python -m bench.generate_batch --quick         # 1/4/16 streams x 32 tokens, 1 round
     python -m bench.generate_batch --sides L,L0,O   # any of SIDES (L-int4, S1-int4 included)
+    python -m bench.generate_batch --device cuda --sides L-iob,L-no-iob,S1   # on a GPU
 
 Side by side, rounds alternating (the order rotates each round), medians over rounds; every
 side decodes the same N prompts (ids from the package's tokenizer, or their text for a server)
@@ -11,6 +12,9 @@ greedily for exactly ``--new-tokens`` tokens, EOS ignored:
   (L) the in-process batched limit, fp32: the appliance's ``DecoderSpan`` over the whole package,
       each prompt prefilled alone, then every stream's decode step as ONE batch per token,
       argmax in numpy: no HTTP, no scheduler, no sampling (what batching could give at best);
+  (L-iob), (L-no-iob) (L) with its decode steps through onnxruntime IO binding (the batch's KV
+      kept where the session put it: GPU memory on CUDA) and without (every present copied to
+      numpy); (L) itself does as ``decode_io_binding = auto`` says: on CUDA only;
   (L0) the same with the design before runtime/batch_kv.py (``keep_batches`` off: every batched
       step gathers the pasts into fresh padded arrays and copies each row's tokens back out);
   (O) the independent limit extended to batches, fp32: optimum's one-graph export in plain
@@ -64,7 +68,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -73,6 +77,9 @@ from bench.generate_common import prompt_text, say
 from bench.generate_http import ROUTE, ServeProcess, SseParser
 from bench.generate_inproc import PACKAGE_NAME, ensure_package, package_encoder, package_encodes
 from bench.report import save_report
+
+if TYPE_CHECKING:
+    from runtime.session import Device, IoBinding
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORK = ROOT / "build" / "generate-bench"
@@ -110,17 +117,26 @@ class Limit:
     """(L): one DecoderSpan over every segment; decode of all streams as one batch. (L0):
     the same, its decode batches not kept between steps."""
 
-    def __init__(self, repo: Path, threads: int, keep_batches: bool = True) -> None:
+    def __init__(
+        self,
+        repo: Path,
+        threads: int,
+        keep_batches: bool = True,
+        device: Device = "cpu",
+        io_binding: IoBinding = "auto",
+    ) -> None:
         from runtime.decoder import load_decoder_span
         from runtime.package import open_package
         from runtime.session import SessionSettings
 
         package = open_package(repo, PACKAGE_NAME)
-        settings = SessionSettings(device="cpu", intra_op_threads=threads)
+        settings = SessionSettings(device=device, intra_op_threads=threads,
+                                   decode_io_binding=io_binding)  # fmt: skip
         self.span = load_decoder_span(package, settings, 0, len(package.segments) - 1)
         self.span.keep_batches = keep_batches
         self.settings = {"onnxruntime_threads": threads, "prefill": "each prompt alone",
-                         "keep_batches": keep_batches}  # fmt: skip
+                         "keep_batches": keep_batches, "device": self.span.device,
+                         "io_binding": self.span.io_binding}  # fmt: skip
 
     def run(self, texts: list[str], ids: list[list[int]], new: int) -> dict[str, float]:
         kvs = [self.span.empty_kv() for _ in ids]
@@ -207,7 +223,9 @@ class Serve:
         self.server.stop()
 
 
-async def prefix_ttft(repo: Path, threads: int, rounds: int, system: list[int]) -> dict[str, Any]:
+async def prefix_ttft(
+    repo: Path, threads: int, rounds: int, system: list[int], device: Device = "cpu"
+) -> dict[str, Any]:
     """TTFT of system prompt + a different user turn, prefix reuse on vs off (runtime)."""
     from runtime.decoder_admission import DecoderLimits
     from runtime.decoder_registry import DecoderRegistry
@@ -215,7 +233,7 @@ async def prefix_ttft(repo: Path, threads: int, rounds: int, system: list[int]) 
     from runtime.sampling import SamplingParams
     from runtime.session import SessionSettings
 
-    settings = SessionSettings(device="cpu", intra_op_threads=threads)
+    settings = SessionSettings(device=device, intra_op_threads=threads)
     last = len(open_package(repo, PACKAGE_NAME).segments) - 1
     registries = {}
     for mode, block in (("on", 32), ("off", 0)):
@@ -260,8 +278,8 @@ async def prefix_ttft(repo: Path, threads: int, rounds: int, system: list[int]) 
     }
 
 
-SIDES = ("L", "L0", "O", "P", "C", "S1", "S1-1by1", "S1-no-ahead", "S1-1p", "S3", "S3-1p", "S3-1c",
-         "S3-t2", "S1-int4", "L-int4")  # fmt: skip
+SIDES = ("L", "L-iob", "L-no-iob", "L0", "O", "P", "C", "S1", "S1-1by1", "S1-no-ahead", "S1-1p",
+         "S3", "S3-1p", "S3-1c", "S3-t2", "S1-int4", "L-int4")  # fmt: skip
 
 
 def node_config(work: Path, name: str, toml: str) -> tuple[str, ...]:
@@ -288,8 +306,13 @@ def make_sides(
     skipped: dict[str, str] = {}
     streams = max(int(s) for s in args.streams.split(","))
     makers: list[tuple[str, str, Any]] = [
-        ("L", "limit-inproc-batched", lambda: Limit(repo, threads)),
-        ("L0", "limit-inproc-batched-before", lambda: Limit(repo, threads, keep_batches=False)),
+        ("L", "limit-inproc-batched", lambda: Limit(repo, threads, device=args.device)),
+        ("L-iob", "limit-inproc-batched-io-binding",
+         lambda: Limit(repo, threads, device=args.device, io_binding="on")),
+        ("L-no-iob", "limit-inproc-batched-no-io-binding",
+         lambda: Limit(repo, threads, device=args.device, io_binding="off")),
+        ("L0", "limit-inproc-batched-before",
+         lambda: Limit(repo, threads, keep_batches=False, device=args.device)),
         ("O", "limit-optimum-batched",
          lambda: peers.OptimumLimit(args.work, threads, capacity, streams, figures, say)),
         ("P", "pytorch-batched", lambda: peers.TorchBatch(args.work, figures, say)),
@@ -318,7 +341,7 @@ def make_sides(
         ("S1-int4", "serve-1span-int4",
          lambda: Serve(ensure_package(args.work, "int4", say), 1, args.work, runner, "int4")),
         ("L-int4", "limit-inproc-batched-int4",
-         lambda: Limit(ensure_package(args.work, "int4", say), threads)),
+         lambda: Limit(ensure_package(args.work, "int4", say), threads, device=args.device)),
     ]  # fmt: skip
     for key, name, make in makers:
         if key not in wanted:
@@ -341,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sides", default=",".join(SIDES), help="any of " + ",".join(SIDES))
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu",
+        help="the in-process sides' (serve's local nodes take CUDA where it is obtained)",
+    )  # fmt: skip
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -385,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"round {r + 1}/{args.rounds} {n:>2} streams {name}: {got}")
         system = package_encodes(repo, text * (1 + 5 * SYSTEM_TOKENS // len(text)))[:SYSTEM_TOKENS]
         say("prefix reuse: TTFT of a repeated 400-token system prompt, on vs off")
-        prefix = runner.run(prefix_ttft(repo, threads, max(3, args.rounds * 2), system))
+        prefix = runner.run(
+            prefix_ttft(repo, threads, max(3, args.rounds * 2), system, args.device)
+        )
         say(f"prefix reuse: {prefix}")
     finally:
         for side in sides.values():

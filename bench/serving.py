@@ -3,6 +3,7 @@
     python -m bench.serving                 # demo model, concurrency 1/8/32, batching on and off
     python -m bench.serving --quick         # demo model, concurrency 32, binary, a few seconds
     python -m bench.serving --model-repo DIR --model minilm --tokens 16
+    python -m bench.serving --quick --device cuda   # node and limit on CUDA (onnxruntime-gpu)
 
 The limit is docs/design.md's: ``session.run`` on pre-built batches of 32 rows with the same threads
 and session options as the node. The node runs as a subprocess (``appliance node``) and the load
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         default=os.cpu_count() or 1,
         help="onnxruntime intra-op threads, for the node and the limit alike",
     )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="the node's and the limit's"
+    )
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per point")
     parser.add_argument("--max-batch-size", type=int, default=32)
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_demo_package(args.model_repo)
     sweep = [32] if args.quick else [int(c) for c in args.concurrency.split(",")]
     seconds = 4.0 if args.quick else args.seconds
-    settings = SessionSettings(device="cpu", intra_op_threads=args.threads)
+    settings = SessionSettings(device=args.device, intra_op_threads=args.threads)
     client = args.client
     if client == "auto":
         client = "wrk" if shutil.which("wrk") else "python"
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if header_length is not None:
         headers["Inference-Header-Content-Length"] = str(header_length)
 
-    common = ["--intra-op-threads", str(args.threads), "--device", "cpu"]
+    common = ["--intra-op-threads", str(args.threads), "--device", args.device]
     common += ["--max-queue-delay-us", str(args.max_queue_delay_us)]
     modes = {"batching": ["--max-batch-size", str(args.max_batch_size)]}
     if not args.quick:
@@ -268,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": args.tokens,
         "threads": args.threads,
         "cpus": os.cpu_count(),
+        "device": args.device,
         "bodies": "binary" if binary else "json",
         "client": client,
         "in_process_limit": limit,

@@ -14,34 +14,79 @@ until a step with other rows needs it elsewhere: then it is gathered once, as ev
 before. onnxruntime's outputs are never written to, so a view stays what it was when taken; a
 row left behind by a batch that moves on is copied out (``detach``), so an old batch's arrays
 never outlive the step that replaced them for the sake of one row.
+
+With IO binding (``DecoderSpan.io_binding``, on where the sessions got CUDA) a batch's presents
+are onnxruntime values in the session's device memory (``resident``), bound as the next run's
+pasts as they are: the KV does not cross to the host between steps. Host copies of a batch are
+made once, and only when a row's tokens are needed elsewhere (a gather, a row left behind, a
+prefix block, a truncation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+# an onnxruntime OrtValue's element type -> bytes (the KV dtypes a package may declare)
+_ELEMENT_BYTES = {"tensor(float)": 4, "tensor(float16)": 2}
 
 
 class BatchKV:
     """The presents of a batch's last run: per layer [B, kv_heads, width, head_dim]; row r's
-    tokens are its last ``width - pads[r]``."""
+    tokens are its last ``width - pads[r]``. Either numpy arrays, or onnxruntime values kept
+    where the session put them (``resident``), copied to the host only when read."""
 
-    __slots__ = ("arrays", "members", "pads")
+    __slots__ = ("_host", "resident", "members", "pads", "bytes_per_token")
 
     def __init__(
         self,
-        keys: list[np.ndarray],
-        values: list[np.ndarray],
+        keys: list[Any],
+        values: list[Any],
         members: list[SequenceKV],
         pads: list[int],
+        *,
+        resident: bool = False,
     ) -> None:
-        self.arrays = (keys, values)  # swapped as one: a reader never sees keys of one run
+        # swapped as one: a reader never sees keys of one run and values of another
+        self._host: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+        self.resident: tuple[list[Any], list[Any]] | None = None
+        if resident:
+            self.resident = (keys, values)
+            self.bytes_per_token = sum(
+                v.shape()[1] * v.shape()[3] * _ELEMENT_BYTES[v.data_type()]
+                for v in (*keys, *values)
+            )
+        else:
+            self._host = (keys, values)
+            self.bytes_per_token = sum(
+                a.shape[1] * a.shape[3] * a.itemsize for a in (*keys, *values)
+            )
         self.members = members  # row r's sequence
         self.pads = pads
 
     @property
+    def arrays(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The presents as numpy arrays: resident ones are copied to the host on the first read
+        (never written to afterwards, so the copy stays true)."""
+        host = self._host
+        if host is None:
+            assert self.resident is not None
+            keys, values = self.resident
+            host = ([k.numpy() for k in keys], [v.numpy() for v in values])
+            self._host = host
+        return host
+
+    def feeds(self) -> tuple[list[Any], list[Any]]:
+        """What the next run of the same rows takes as its pasts: the resident values as they
+        are, else the host arrays."""
+        return self.resident if self.resident is not None else self.arrays
+
+    @property
     def width(self) -> int:
+        if self.resident is not None:
+            return int(self.resident[0][0].shape()[2])
         return int(self.arrays[0][0].shape[2])
 
     def holds_exactly(self, kvs: Sequence[SequenceKV]) -> bool:
@@ -90,6 +135,9 @@ class SequenceKV:
         return [k[cut] for k in keys], [v[cut] for v in values]
 
     def nbytes(self) -> int:
+        at = self._at
+        if at is not None:  # from the batch's shapes: no host copy of a resident batch
+            return at[0].bytes_per_token * self.length
         keys, values = self._arrays()
         return sum(int(a.nbytes) for a in keys) + sum(int(a.nbytes) for a in values)
 
@@ -123,15 +171,18 @@ class SequenceKV:
 
 def attach_rows(
     kvs: list[SequenceKV],
-    keys: list[np.ndarray],
-    values: list[np.ndarray],
+    keys: list[Any],
+    values: list[Any],
     pads: list[int],
     lengths: list[int],
+    *,
+    resident: bool = False,
 ) -> BatchKV:
-    """Make ``kvs`` the rows of a new batch over these presents; rows of the batches they left
-    that are not among them are copied out of those."""
+    """Make ``kvs`` the rows of a new batch over these presents (onnxruntime values when
+    ``resident``); rows of the batches they left that are not among them are copied out of
+    those."""
     left = {id(b): b for kv in kvs if (b := kv.batch) is not None}
-    batch = BatchKV(keys, values, list(kvs), pads)
+    batch = BatchKV(keys, values, list(kvs), pads, resident=resident)
     for row, (kv, length) in enumerate(zip(kvs, lengths, strict=True)):
         kv.attach(batch, row, length)
     for old in left.values():

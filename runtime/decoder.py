@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -109,6 +110,9 @@ class DecoderSpan:
         # False: the design before runtime/batch_kv.py (every batched step gathers the pasts and
         # copies each row's tokens back out), kept for the benchmark's side by side
         self.keep_batches = True
+        # steps whose KV stays a batch run through IO binding and keep the presents where the
+        # session put them (GPU memory on CUDA): SessionSettings.decode_io_binding
+        self.io_binding = self.device == "cuda"
 
     @property
     def session_count(self) -> int:
@@ -157,7 +161,7 @@ class DecoderSpan:
             else:
                 rows = None
             past_len, pads = kept.width, kept.pads
-            keys, values = kept.arrays
+            keys, values = kept.feeds()  # resident values as they are, without binding arrays
         else:
             past_len = max(kv.length for kv in kvs)
             pads = [past_len - kv.length for kv in kvs]
@@ -173,10 +177,12 @@ class DecoderSpan:
             positions = np.arange(lengths[0], lengths[0] + tokens, dtype=np.int64)[None, :]
         else:
             mask, positions = _padded_mask(lengths, counts, past_len, tokens)
-        out, presents = self._run(inputs, mask, positions, keys, values)
+        bound = whole and self.keep_batches and self.io_binding
+        out, presents = self._run(inputs, mask, positions, keys, values, bound)
         new_keys, new_values = presents
         if whole and self.keep_batches:
-            attach_rows(kvs, new_keys, new_values, pads, [n + tokens for n in lengths])
+            attach_rows(kvs, new_keys, new_values, pads, [n + tokens for n in lengths],
+                        resident=bound)  # fmt: skip
         elif batch == 1 and whole:
             kvs[0].replace(new_keys, new_values, lengths[0] + tokens)
         else:  # left-padded new tokens: each row's real ones cut out, into arrays of its own
@@ -195,14 +201,18 @@ class DecoderSpan:
         x: np.ndarray,
         mask: np.ndarray,
         positions: np.ndarray,
-        keys: list[np.ndarray],
-        values: list[np.ndarray],
-    ) -> tuple[np.ndarray, tuple[list[np.ndarray], list[np.ndarray]]]:
-        """The span's sessions in order; the presents per layer of the span (keys, values)."""
-        new_keys: list[np.ndarray] = []
-        new_values: list[np.ndarray] = []
+        keys: list[Any],
+        values: list[Any],
+        bound: bool = False,
+    ) -> tuple[np.ndarray, tuple[list[Any], list[Any]]]:
+        """The span's sessions in order; the presents per layer of the span (keys, values):
+        numpy arrays, or with ``bound`` OrtValues left where the session put them (pasts may
+        then be OrtValues of the last run too)."""
+        new_keys: list[Any] = []
+        new_values: list[Any] = []
         for stage in self._stages:
-            feeds = {stage.input_name: x, "attention_mask": mask, "position_ids": positions}
+            feeds: dict[str, Any] = {stage.input_name: x}
+            feeds.update(attention_mask=mask, position_ids=positions)
             names = [stage.output_name]
             for layer in stage.layers:
                 index = layer - self.first_layer
@@ -210,9 +220,14 @@ class DecoderSpan:
                 feeds[f"past.{layer}.value"] = values[index]
                 names += [f"present.{layer}.key", f"present.{layer}.value"]
             try:
-                produced = stage.session.run(feeds, names)
+                if bound:
+                    host, kept = stage.session.run_bound(feeds, names[:1], names[1:])
+                    produced = [*host, *kept]
+                else:
+                    produced = stage.session.run(feeds, names)
             except Exception as exc:  # onnxruntime's errors are untyped
-                past_shape = list(feeds[f"past.{stage.layers[0]}.key"].shape)
+                past = feeds[f"past.{stage.layers[0]}.key"]
+                past_shape = list(past.shape) if isinstance(past, np.ndarray) else past.shape()
                 raise DecoderStepFailed(
                     f"{stage.session.source} failed on {stage.input_name} {list(x.shape)}, "
                     f"past {past_shape}: {exc}"
@@ -373,12 +388,16 @@ def load_decoder_span(
         sessions[0].source = f"{package.folder.name}: segments {first}..{last} merged"
     else:
         sessions = [create_session(p, settings) for p in paths]
+    span = DecoderSpan(sessions, segments, manifest.generation)
+    if settings.decode_io_binding != "auto":
+        span.io_binding = settings.decode_io_binding == "on"
     log.info(
-        "loaded %s v%s decoder segments %d..%d as %d session(s)",
+        "loaded %s v%s decoder segments %d..%d as %d session(s), IO binding %s",
         package.name,
         package.version,
         first,
         last,
         len(sessions),
+        "on" if span.io_binding else "off",
     )
-    return DecoderSpan(sessions, segments, manifest.generation)
+    return span

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 Device = Literal["auto", "cuda", "cpu"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
+IoBinding = Literal["auto", "on", "off"]
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -65,6 +66,10 @@ class SessionSettings:
     # Runs of this session that may be in flight at once (the batcher's runs_in_flight): AUTO
     # threads share the cores among them.
     concurrent_runs: int = 1
+    # Decode steps through onnxruntime IO binding, so that a decode batch's KV stays in the
+    # session's memory between steps: auto = where the session got CUDA (on CPU, numpy in and
+    # out costs no copy anyway), on = also on CPU, off = never
+    decode_io_binding: IoBinding = "auto"
 
 
 def conflicting_onnxruntime_installs() -> list[str]:
@@ -134,6 +139,7 @@ class ModelSession:
     obtained: list[str]
     signature: Signature
     source: str
+    device_id: int = 0  # the CUDA device a CUDA session runs on
 
     @property
     def device(self) -> str:
@@ -141,6 +147,30 @@ class ModelSession:
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[Any]:
         return self.session.run(outputs, feeds)
+
+    def run_bound(
+        self, feeds: dict[str, Any], host_outputs: list[str], kept_outputs: list[str]
+    ) -> tuple[list[np.ndarray], list[ort.OrtValue]]:
+        """One run through IO binding: ``feeds`` are numpy arrays (copied to the device by
+        onnxruntime) or OrtValues of an earlier run (bound as they are); ``host_outputs`` come
+        back as numpy arrays, ``kept_outputs`` as OrtValues left in the session's device memory."""
+        binding = self.session.io_binding()
+        held = []  # onnxruntime may read a bound array's memory in place: alive until the run ends
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                held.append(np.ascontiguousarray(value))
+                binding.bind_cpu_input(name, held[-1])
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in host_outputs:
+            binding.bind_output(name, "cpu")
+        for name in kept_outputs:
+            binding.bind_output(name, self.device, self.device_id)
+        self.session.run_with_iobinding(binding)
+        del held
+        values = binding.get_outputs()
+        count = len(host_outputs)
+        return [v.numpy() for v in values[:count]], list(values[count:])
 
 
 def create_session(
@@ -187,4 +217,4 @@ def create_session(
         inputs=tuple(spec_from_node_arg(a) for a in session.get_inputs()),
         outputs=tuple(spec_from_node_arg(a) for a in session.get_outputs()),
     )
-    return ModelSession(session, requested, obtained, signature, source)
+    return ModelSession(session, requested, obtained, signature, source, settings.cuda_device_id)

@@ -154,6 +154,15 @@ class NodeConfig(ServerConfig):
             "and nothing is waited for"
         },
     )
+    decode_io_binding: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={
+            "help": "generation: decode steps run through onnxruntime IO binding, so that a "
+            "decode batch's KV stays in the session's memory between steps (on CUDA: GPU "
+            "memory; copied to the host only when the batch's rows change). auto = where the "
+            "sessions got CUDA, on = also on CPU, off = never"
+        },
+    )
     prefix_block_tokens: int = field(
         default=32,
         metadata={
@@ -183,6 +192,7 @@ class NodeConfig(ServerConfig):
             graph_optimization=self.graph_optimization,
             allow_spinning=self.allow_spinning,
             concurrent_runs=self.runs_in_flight,
+            decode_io_binding=self.decode_io_binding,
         )
 
     def batch_settings(self) -> BatchSettings:

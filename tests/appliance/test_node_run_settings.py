@@ -3,9 +3,11 @@ as checked and as handed to the runtime."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from appliance.config import NodeConfig
+from appliance.config import NodeConfig, load_config
 from appliance.errors import ConfigError
 from runtime.session import AUTO_THREADS
 
@@ -30,3 +32,14 @@ def test_node_settings_default_to_auto_threads_and_carry_runs_in_flight() -> Non
 def test_node_settings_out_of_range_are_refused(changes: dict[str, int], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         NodeConfig(**changes).check()  # type: ignore[arg-type]
+
+
+def test_decode_io_binding_reaches_the_sessions_and_a_bad_value_is_refused(tmp_path: Path) -> None:
+    assert NodeConfig().session_settings().decode_io_binding == "auto"
+    path = tmp_path / "node.toml"
+    path.write_text('decode_io_binding = "on"\n')
+    config = load_config(NodeConfig, path, {})
+    assert config.session_settings().decode_io_binding == "on"
+    path.write_text('decode_io_binding = "sometimes"\n')
+    with pytest.raises(ConfigError, match="decode_io_binding.*'auto', 'on', 'off'"):
+        load_config(NodeConfig, path, {}).check()

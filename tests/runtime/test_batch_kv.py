@@ -1,16 +1,19 @@
 """Decode batches keep their presents between steps (runtime/batch_kv.py), on the real tiny
 generation package: the same rows in any order reuse them with no gather, a row that leaves is
-copied out, one that joins is gathered in, and every row's logits equal its run alone."""
+copied out, one that joins is gathered in, and every row's logits equal its run alone. Each test
+runs twice: with plain runs, and through IO binding (the presents kept as onnxruntime's values,
+as on CUDA), against runs alone without it."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from runtime import batch_kv
 from runtime.decoder import DecoderSpan, SequenceKV, load_decoder_span
 from runtime.package import open_package
-from runtime.session import SessionSettings
+from runtime.session import CUDA, SessionSettings
 from runtime.step_batcher import truncate
 from tests.support.tiny_llm import KV_HEADS, shared_tiny_package
 
@@ -18,10 +21,13 @@ SETTINGS = SessionSettings(device="cpu", intra_op_threads=1)
 PROMPTS = [[5, 17, 42, 99, 7, 3, 250, 11, 64], [8, 120, 33, 2], [300, 1, 77, 45, 46, 47], [9, 9]]
 
 
-@pytest.fixture(scope="module")
-def span() -> DecoderSpan:
+@pytest.fixture(scope="module", params=["off", "on"], ids=["plain-runs", "io-binding"])
+def span(request: pytest.FixtureRequest) -> DecoderSpan:
     package = open_package(shared_tiny_package(), "tiny-llm")
-    return load_decoder_span(package, SETTINGS, 0, len(package.segments) - 1)
+    settings = SessionSettings(device="cpu", intra_op_threads=1, decode_io_binding=request.param)
+    loaded = load_decoder_span(package, settings, 0, len(package.segments) - 1)
+    assert loaded.io_binding == (request.param == "on")
+    return loaded
 
 
 @pytest.fixture
@@ -39,11 +45,24 @@ def gathers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def _alone(span: DecoderSpan, prompt: list[int], feeds: list[int]) -> list[np.ndarray]:
-    """Logits of one sequence stepped by itself: after its prompt, then after each feed."""
-    kv = span.empty_kv()
-    out = [span.step([kv], np.array([prompt]))[0]]
-    out += [span.step([kv], np.array([[token]]))[0] for token in feeds]
+    """Logits of one sequence stepped by itself, with plain runs: after its prompt, then after
+    each feed."""
+    bound, span.io_binding = span.io_binding, False
+    try:
+        kv = span.empty_kv()
+        out = [span.step([kv], np.array([prompt]))[0]]
+        out += [span.step([kv], np.array([[token]]))[0] for token in feeds]
+    finally:
+        span.io_binding = bound
     return out
+
+
+def _prefilled(span: DecoderSpan, count: int) -> list[SequenceKV]:
+    """``count`` sequences, each with its prompt of PROMPTS run alone."""
+    kvs = [span.empty_kv() for _ in range(count)]
+    for kv, prompt in zip(kvs, PROMPTS, strict=False):
+        span.step([kv], np.array([prompt]))
+    return kvs
 
 
 def test_the_same_rows_in_any_order_reuse_the_batch_and_match_their_runs_alone(
@@ -51,9 +70,7 @@ def test_the_same_rows_in_any_order_reuse_the_batch_and_match_their_runs_alone(
 ) -> None:
     feeds = [[11, 12, 13, 14, 15], [21, 22, 23, 24, 25], [31, 32, 33, 34, 35]]
     want = [_alone(span, p, f) for p, f in zip(PROMPTS, feeds, strict=False)]
-    kvs = [span.empty_kv() for _ in feeds]
-    for kv, prompt in zip(kvs, PROMPTS, strict=False):
-        span.step([kv], np.array([prompt]))
+    kvs = _prefilled(span, len(feeds))
     assert gathers == []  # a prompt feeds its empty KV as it is
     orders = [[0, 1, 2], [2, 0, 1], [1, 2, 0], [0, 2, 1], [2, 1, 0]]
     for step, order in enumerate(orders):
@@ -63,6 +80,8 @@ def test_the_same_rows_in_any_order_reuse_the_batch_and_match_their_runs_alone(
             np.testing.assert_allclose(got, want[i][step + 1], atol=1e-4, rtol=0)
         assert len({id(kv.batch) for kv in kvs}) == 1  # one batch holds all three
     assert gathers == [3]  # only the first decode step gathered: the rest reused the presents
+    batch = kvs[0].batch
+    assert batch is not None and (batch.resident is not None) == span.io_binding
     for kv, prompt in zip(kvs, PROMPTS, strict=False):
         assert kv.length == len(prompt) + len(orders)
         assert kv.keys[0].shape == (1, KV_HEADS, kv.length, 16)
@@ -125,9 +144,7 @@ def test_with_batches_not_kept_every_step_gathers_and_rows_own_their_tokens(
     want = [_alone(span, p, f) for p, f in zip(PROMPTS, feeds, strict=False)]
     span.keep_batches = False
     try:
-        kvs = [span.empty_kv() for _ in feeds]
-        for kv, prompt in zip(kvs, PROMPTS, strict=False):
-            span.step([kv], np.array([prompt]))
+        kvs = _prefilled(span, len(feeds))
         for step in range(3):
             logits = span.step(kvs, np.array([[f[step]] for f in feeds]))
             for row in range(2):
@@ -136,3 +153,64 @@ def test_with_batches_not_kept_every_step_gathers_and_rows_own_their_tokens(
     finally:
         span.keep_batches = True
     assert gathers == [2, 2, 2]
+
+
+def test_with_io_binding_a_batch_stays_in_onnxruntime_values_until_a_row_is_read() -> None:
+    """The same rows step on their last run's OrtValues, never copied to the host; the first
+    read of a row's tokens (a row leaving the batch) makes the batch's one host copy."""
+    package = open_package(shared_tiny_package(), "tiny-llm")
+    settings = SessionSettings(device="cpu", intra_op_threads=1, decode_io_binding="on")
+    span = load_decoder_span(package, settings, 0, len(package.segments) - 1)
+    feeds = [[11, 12, 13, 14], [21, 22, 23, 24], [31, 32, 33, 34]]
+    want = [_alone(span, p, f) for p, f in zip(PROMPTS, feeds, strict=False)]
+    kvs = _prefilled(span, len(feeds))
+    for step in range(3):
+        logits = span.step(kvs, np.array([[f[step]] for f in feeds]))
+        for row in range(3):
+            np.testing.assert_allclose(logits[row], want[row][step + 1], atol=1e-4, rtol=0)
+        batch = kvs[0].batch
+        assert batch is not None and batch.resident is not None
+        assert type(batch.resident[0][0]).__name__ == "OrtValue"
+        if step:  # fed its own OrtValues: nothing read back to the host
+            assert batch._host is None
+        assert [kv.nbytes() for kv in kvs] == [span.kv_bytes_per_token * kv.length for kv in kvs]
+        assert batch._host is None  # sizes come from the shapes
+    last = kvs[0].batch
+    assert last is not None
+    span.step(kvs[:2], np.array([[f[3]] for f in feeds[:2]]))  # row 2 leaves: copied out
+    assert last._host is not None and kvs[2].batch is None
+    assert kvs[2].keys[0].shape == (1, KV_HEADS, kvs[2].length, 16)
+    logits = span.step([kvs[2]], np.array([[feeds[2][3]]]))
+    np.testing.assert_allclose(logits[0], want[2][4], atol=1e-4, rtol=0)
+
+
+def test_io_binding_follows_the_setting_and_the_device() -> None:
+    package = open_package(shared_tiny_package(), "tiny-llm")
+    last = len(package.segments) - 1
+    for setting, want in (("auto", False), ("on", True), ("off", False)):  # auto: CUDA only
+        settings = SessionSettings(device="cpu", intra_op_threads=1, decode_io_binding=setting)  # type: ignore[arg-type]
+        assert load_decoder_span(package, settings, 0, last).io_binding is want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CUDA not in ort.get_available_providers(), reason="needs onnxruntime-gpu")
+def test_on_cuda_a_decode_batch_keeps_its_kv_in_gpu_memory_and_matches_cpu() -> None:
+    package = open_package(shared_tiny_package(), "tiny-llm")
+    last = len(package.segments) - 1
+    gpu = load_decoder_span(package, SessionSettings(device="cuda"), 0, last)
+    cpu = load_decoder_span(package, SETTINGS, 0, last)
+    assert gpu.device == "cuda" and gpu.io_binding  # auto: on where CUDA was obtained
+    feeds = [[11, 12, 13, 14], [21, 22, 23, 24], [31, 32, 33, 34]]
+    rows = {name: [span.empty_kv() for _ in feeds] for name, span in (("gpu", gpu), ("cpu", cpu))}
+    for name, span in (("gpu", gpu), ("cpu", cpu)):
+        for kv, prompt in zip(rows[name], PROMPTS, strict=False):
+            span.step([kv], np.array([prompt]))
+    for step in range(4):
+        ids = np.array([[f[step]] for f in feeds])
+        got, want = gpu.step(rows["gpu"], ids), cpu.step(rows["cpu"], ids)
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+        batch = rows["gpu"][0].batch
+        assert batch is not None and batch.resident is not None and batch._host is None
+        assert {v.device_name().lower() for v in (*batch.resident[0], *batch.resident[1])} == {
+            "cuda"
+        }
