@@ -19,11 +19,16 @@ def save_report(report: dict[str, Any], out: Path | None, stem: str) -> Path:
 
 
 def other_sections(old: str, new: str) -> list[str]:
-    """The ``## `` sections of ``old`` whose titles ``new`` does not have, in order."""
-    titles = {line for line in new.splitlines() if line.startswith("## ")}
+    """The ``## `` sections of ``old`` whose titles ``new`` does not have, in order. A title is
+    compared without what follows its first " (": the suite's carry their figures there
+    ("## demo, 16 tokens (in-process limit 527.2 rows/s)"), and a new run replaces them."""
+    titles = {_title_key(line) for line in new.splitlines() if line.startswith("## ")}
     kept = []
     for part in old.split("\n## ")[1:]:
-        title = "## " + part.splitlines()[0]
-        if title not in titles:
+        if _title_key("## " + part.splitlines()[0]) not in titles:
             kept.append("\n## " + part.rstrip("\n") + "\n")
     return kept
+
+
+def _title_key(title: str) -> str:
+    return title.split(" (", 1)[0].rstrip()
