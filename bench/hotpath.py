@@ -21,13 +21,13 @@ in flight, 2 sessions).
 
 The node levers, each a node process of its own measured in the same rounds: today's design
 (``intra_op_threads = 0``, onnxruntime's default, one run in flight), lever 1 (the default
-``intra_op_threads = -1``: cores - 1, at least 1) and lever 1 with ``runs_in_flight = N`` for
-each N of ``--runs-in-flight`` (the next batch forms and starts while one runs). Every node
-point also reports the rows per run the node's batcher formed (its statistics, read before and
-after). ``--focus serve`` measures in process, a node and ``appliance serve`` with and
-without ``--in-process-node`` (the coordinator and its node in one process: no loopback hop).
-``--focus nodes`` measures only those and the in-process runs, so that a round is short
-and its systems see the same load on a shared machine.
+``intra_op_threads = -1``: the usable cores, cores - 1 before 2026-12-04) and lever 1 with
+``runs_in_flight = N`` for each N of ``--runs-in-flight`` (the next batch forms and starts
+while one runs). Every node point also reports the rows per run the node's batcher formed (its
+statistics, read before and after). ``--focus serve`` measures in process, a node and
+``appliance serve`` with and without ``--in-process-node`` (the coordinator and its node in one
+process: no loopback hop). ``--focus nodes`` measures only those and the in-process runs, so
+that a round is short and its systems see the same load on a shared machine.
 The servers stay up for the whole run; their idle CPU while others are measured is reported.
 """
 
@@ -53,7 +53,7 @@ from bench.report import save_report
 from bench.serving import sample_inputs
 from runtime.codec import encode_request
 from runtime.package import SpanRunner
-from runtime.session import usable_cores
+from runtime.session import SessionSettings, intra_op_threads_for
 
 MODEL = "mlp"
 BATCH = 32
@@ -200,7 +200,7 @@ def run(work: Path, args: argparse.Namespace, use_ray: bool) -> dict[str, Any]:
 
 
 def _auto_threads() -> int:
-    return max(1, usable_cores() - 1)
+    return intra_op_threads_for(SessionSettings(device="cpu"), cuda=False)
 
 
 def node_lever_names(args: argparse.Namespace) -> list[str]:

@@ -29,7 +29,7 @@ IoBinding = Literal["auto", "on", "off"]
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
-# intra_op_threads: AUTO = cores - 1 shared among the runs in flight (at least 1) on a CPU
+# intra_op_threads: AUTO = the usable cores shared among the runs in flight (at least 1) on a CPU
 # session, onnxruntime's default on a CUDA one; ORT_DEFAULT = onnxruntime's (one per core).
 AUTO_THREADS = -1
 ORT_DEFAULT_THREADS = 0
@@ -55,7 +55,8 @@ _ORT_DISTRIBUTIONS = (
 @dataclass(frozen=True)
 class SessionSettings:
     device: Device = "auto"
-    # -1 (AUTO_THREADS) = cores - 1, at least 1, on CPU; 0 = onnxruntime's default; N = N
+    # -1 (AUTO_THREADS) = the usable cores / runs in flight, at least 1, on CPU; 0 = onnxruntime's
+    # default; N = N
     intra_op_threads: int = AUTO_THREADS
     inter_op_threads: int = 1
     graph_optimization: GraphOptimization = "all"
@@ -92,15 +93,17 @@ def usable_cores() -> int:
 
 
 def intra_op_threads_for(settings: SessionSettings, cuda: bool) -> int:
-    """What onnxruntime is given. AUTO on CPU leaves one core to the process's HTTP work (a
-    pool as wide as the cores stalls at every barrier when the event loop preempts one of its
-    threads) and shares the rest among the runs in flight; on CUDA the pool only runs what
-    falls back to CPU, so AUTO stays onnxruntime's default there."""
+    """What onnxruntime is given. AUTO on CPU shares the cores this process may run on (its
+    affinity: a cgroup's or taskset's share, which onnxruntime's own default ignores) among the
+    runs in flight. Leaving one core to HTTP work instead (the default until 2026-12-04) won
+    only on a machine shared with other work; on a quiet 2-core one a node served 0.67x
+    (docs/performance.md, Hot path). On CUDA the pool only runs what falls back to CPU, so AUTO
+    stays onnxruntime's default there."""
     if settings.intra_op_threads != AUTO_THREADS:
         return settings.intra_op_threads
     if cuda:
         return ORT_DEFAULT_THREADS
-    return max(1, (usable_cores() - 1) // max(1, settings.concurrent_runs))
+    return max(1, usable_cores() // max(1, settings.concurrent_runs))
 
 
 def session_options(settings: SessionSettings, cuda: bool = False) -> ort.SessionOptions:

@@ -26,8 +26,8 @@ class NodeConfig(ServerConfig):
         default=-1,
         metadata={
             "help": "onnxruntime threads per run: -1 = auto (on CPU: the cores this process "
-            "may run on (its affinity) - 1, shared among runs_in_flight, at least 1: one core "
-            "is left to HTTP work; on CUDA: onnxruntime's default), 0 = onnxruntime's default "
+            "may run on (its affinity), shared among runs_in_flight, at least 1; on CUDA: "
+            "onnxruntime's default), 0 = onnxruntime's default "
             "(one per physical core), N = N"
         },
     )

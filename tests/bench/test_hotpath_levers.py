@@ -43,7 +43,7 @@ def test_pairs_take_the_median_of_per_round_ratios() -> None:
 
 def test_node_lever_names_follow_the_auto_threads_and_each_runs_in_flight() -> None:
     args = argparse.Namespace(runs_in_flight=[2, 3], threads=2, steal_cores=0.1)
-    auto = max(1, usable_cores() - 1)
+    auto = max(1, usable_cores())
     names = hotpath.node_lever_names(args)
     assert names == [
         "a standalone node",

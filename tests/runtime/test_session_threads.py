@@ -1,5 +1,5 @@
-"""intra_op_threads: -1 (auto) = cores - 1 on CPU, 0 = onnxruntime's default, N = N, read back
-from real sessions."""
+"""intra_op_threads: -1 (auto) = the usable cores on CPU, 0 = onnxruntime's default, N = N,
+read back from real sessions."""
 
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ def test_usable_cores_is_the_affinity_mask() -> None:
     assert usable_cores() == len(os.sched_getaffinity(0))
 
 
-def test_auto_leaves_one_core_on_cpu_and_stays_onnxruntimes_default_on_cuda() -> None:
+def test_auto_takes_the_usable_cores_on_cpu_and_stays_onnxruntimes_default_on_cuda() -> None:
     auto = SessionSettings(device="cpu")
     assert auto.intra_op_threads == AUTO_THREADS
-    assert intra_op_threads_for(auto, cuda=False) == max(1, usable_cores() - 1)
+    assert intra_op_threads_for(auto, cuda=False) == usable_cores()
     assert intra_op_threads_for(auto, cuda=True) == 0
-    assert threads_of(auto) == max(1, usable_cores() - 1)
+    assert threads_of(auto) == usable_cores()
 
 
 @pytest.mark.parametrize("threads", [0, 1, 3])
@@ -57,6 +57,6 @@ def test_auto_shares_the_cores_among_the_runs_in_flight() -> None:
     cores = usable_cores()
     for runs in (1, 2, 4):
         settings = SessionSettings(device="cpu", concurrent_runs=runs)
-        assert intra_op_threads_for(settings, cuda=False) == max(1, (cores - 1) // runs)
+        assert intra_op_threads_for(settings, cuda=False) == max(1, cores // runs)
     explicit = SessionSettings(device="cpu", intra_op_threads=2, concurrent_runs=4)
     assert intra_op_threads_for(explicit, cuda=False) == 2  # a count given is kept
