@@ -1,11 +1,12 @@
-"""bench/suite.py's table: "x Ray" is taken against the better of Ray Serve's two ingresses at
-each concurrency (the most req/s, and separately the lowest p99), on rows made up here."""
+"""bench/suite_report.py's table: "x Ray" is taken against the better of Ray Serve's two
+ingresses at each concurrency (the most req/s, and separately the lowest p99), on rows made up
+here."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench.suite import best_peer, write_report
+from bench.suite_report import best_peer, write_report
 
 
 def _row(system: str, concurrency: int, rps: float, p99: float) -> dict[str, object]:
