@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 import onnx
+import psutil
 
+from bench.hotpath_systems import CpuMeter
 from bench.loadgen import run_load
 from bench.serving import NodeProcess, in_process_limit, sample_inputs
 from bench.suite_report import write_report
@@ -56,6 +58,10 @@ class Point:
     p50_ms: float
     p99_ms: float
     failures: int
+    # mean cores busy during the point: the load generator (this process, or Ray's driver) and
+    # the servers (every process this one started, or Ray's namespace); None in older reports
+    generator_cores: float | None = None
+    server_cores: float | None = None
 
 
 @dataclass
@@ -101,7 +107,15 @@ def _v2_body(model: Model, tokens: int, binary: bool) -> tuple[bytes, dict[str, 
 def _measure(
     url: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float
 ) -> dict[str, Any]:
-    return asyncio.run(run_load(url, body, headers, concurrency, seconds)).as_dict()
+    """One closed-loop point, with the CPU the load generator and the servers spent in it."""
+    me = psutil.Process()
+    generator = CpuMeter([me.pid], alone=True)
+    # the servers are this process's children (node, coordinator and floor subprocesses)
+    servers = CpuMeter([child.pid for child in me.children(recursive=True)], alone=True)
+    row: dict[str, Any] = asyncio.run(run_load(url, body, headers, concurrency, seconds)).as_dict()
+    row["generator_cores"] = round(generator.cores(), 2)
+    row["server_cores"] = round(servers.cores(), 2)
+    return row
 
 
 def _point(system: str, model: Model, tokens: int, kind: str, row: dict[str, Any]) -> Point:
@@ -115,7 +129,13 @@ def _point(system: str, model: Model, tokens: int, kind: str, row: dict[str, Any
         float(row["p50_ms"]),
         float(row["p99_ms"]),
         int(row["failures"]),
+        _cores(row.get("generator_cores")),
+        _cores(row.get("server_cores")),
     )
+
+
+def _cores(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 @contextmanager

@@ -23,8 +23,11 @@ def write_report(report: dict[str, Any], docs: Path) -> Path:
         "limit (`session.run` on pre-built batches of 32) and over Ray Serve with `@serve.batch` "
         "at the same concurrency, through the better of its two ingresses at that concurrency "
         "(its default proxy or its HAProxy ingress, `RAY_SERVE_ENABLE_HA_PROXY=1`: the higher "
-        "req/s for x Ray (req/s), the lower p99 for x Ray (p99)). Regenerate with "
-        "`python -m bench`.",
+        'req/s for x Ray (req/s), the lower p99 for x Ray (p99)). "Generator cores" and '
+        '"server cores" are the mean cores each kept busy during the point, warm-up included '
+        "(psutil: the bench process, which runs the load generator, and every process it "
+        "started; for Ray, its driver's load thread and the rest of its namespace). Regenerate "
+        "with `python -m bench`.",
         "",
     ]
     if report.get("ray"):
@@ -39,8 +42,8 @@ def write_report(report: dict[str, Any], docs: Path) -> Path:
             f"## {model}, {tokens} tokens (in-process limit {limit:.1f} rows/s)",
             "",
             "| system | body | concurrency | req/s | p50 ms | p99 ms | x limit | x Ray (req/s) "
-            "| x Ray (p99) | failed |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| x Ray (p99) | generator cores | server cores | failed |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for p in rows:
             peer, calm = fastest.get(p["concurrency"]), steadiest.get(p["concurrency"])
@@ -49,7 +52,8 @@ def write_report(report: dict[str, Any], docs: Path) -> Path:
             lines.append(
                 f"| {p['system']} | {p['body']} | {p['concurrency']} | {p['throughput_rps']:.1f} "
                 f"| {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['throughput_rps'] / limit:.2f} "
-                f"| {vs_ray} | {vs_p99} | {p['failures']} |"
+                f"| {vs_ray} | {vs_p99} | {_cores(p, 'generator_cores')} "
+                f"| {_cores(p, 'server_cores')} | {p['failures']} |"
             )
         lines.append("")
         plots = _plots(rows, docs, model, tokens)
@@ -60,6 +64,11 @@ def write_report(report: dict[str, Any], docs: Path) -> Path:
         text += "".join(other_sections(out.read_text(), text))
     out.write_text(text)
     return out
+
+
+def _cores(point: dict[str, Any], key: str) -> str:
+    value = point.get(key)  # absent from reports written before the suite measured CPU
+    return "-" if value is None else f"{value:.2f}"
 
 
 def best_peer(

@@ -37,6 +37,7 @@ def test_the_table_divides_by_the_better_ingress(tmp_path: Path) -> None:
     node = next(line for line in text.splitlines() if line.startswith("| appliance node"))
     cells = [c.strip() for c in node.strip("|").split("|")]
     assert cells[6:9] == ["0.80", "4.00", "0.17"]  # x limit, x Ray (req/s) 400/100, p99 100/600
+    assert cells[9:11] == ["-", "-"]  # a report from before the suite measured CPU
     assert "better of its two ingresses" in text
 
 
@@ -50,3 +51,15 @@ def test_a_new_run_replaces_its_own_sections_whatever_their_figures(tmp_path: Pa
     text = write_report(report, tmp_path).read_text()
     assert text.count("## demo, 16 tokens") == 1 and "limit 600.0 rows/s" in text
     assert text.count("## Hot path (MLP)") == 1 and "kept" in text
+
+
+def test_the_cores_each_side_kept_busy_sit_beside_the_figures(tmp_path: Path) -> None:
+    rows = [{**_row("appliance node", 32, 400.0, 100.0), "generator_cores": 0.214,
+             "server_cores": 1.5}]  # fmt: skip
+    report = {"points": rows, "limits": {"demo/16": 500.0}, "ray": {}, "when": "now",
+              "cpus": 2, "threads": 2}  # fmt: skip
+    text = write_report(report, tmp_path).read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| system"))
+    assert "| generator cores | server cores | failed |" in header
+    node = next(line for line in text.splitlines() if line.startswith("| appliance node"))
+    assert [c.strip() for c in node.strip("|").split("|")][9:12] == ["0.21", "1.50", "0"]
