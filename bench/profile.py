@@ -32,7 +32,7 @@ from typing import Any
 import psutil
 
 from bench.loadgen import run_load, run_wrk
-from bench.report import other_sections, save_report
+from bench.report import save_report, write_keeping_others
 from bench.suite import DOCS, Model, _v2_body, prepare_models
 from tests.support.harness import Ring
 
@@ -276,11 +276,8 @@ def write_markdown(report: dict[str, Any], docs: Path) -> Path:
         )
     docs.mkdir(parents=True, exist_ok=True)
     path = docs / "profile.md"
-    text = "\n".join(lines) + "\n"
-    if path.exists():  # sections other benches wrote (levers, generation) are kept
-        text += "".join(other_sections(path.read_text(), text))
-    path.write_text(text)
-    return path
+    # sections other benches wrote (levers, generation) are kept
+    return write_keeping_others(path, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,14 @@ def save_report(report: dict[str, Any], out: Path | None, stem: str) -> Path:
     return path
 
 
+def write_keeping_others(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path``, followed by the sections other benches wrote there."""
+    if path.exists():
+        text += "".join(other_sections(path.read_text(), text))
+    path.write_text(text)
+    return path
+
+
 def other_sections(old: str, new: str) -> list[str]:
     """The ``## `` sections of ``old`` whose titles ``new`` does not have, in order. A title is
     compared without what follows its first " (": the suite's carry their figures there

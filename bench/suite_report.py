@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.report import other_sections
+from bench.report import write_keeping_others
 
 
 def write_report(report: dict[str, Any], docs: Path) -> Path:
@@ -58,12 +58,8 @@ def write_report(report: dict[str, Any], docs: Path) -> Path:
         lines.append("")
         plots = _plots(rows, docs, model, tokens)
         lines += [f"![{name}]({name})" for name in plots] + [""]
-    out = docs / "performance.md"
-    text = "\n".join(lines)
-    if out.exists():  # sections other benches wrote (generation, hot path, hosts) are kept
-        text += "".join(other_sections(out.read_text(), text))
-    out.write_text(text)
-    return out
+    # sections other benches wrote (generation, hot path, hosts) are kept
+    return write_keeping_others(docs / "performance.md", "\n".join(lines))
 
 
 def _cores(point: dict[str, Any], key: str) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.report import other_sections, save_report
+from bench.report import save_report, write_keeping_others
 from tests.support.faults.clients import connection_flood, slow_clients
 from tests.support.faults.common import DOCS, FaultRecord
 from tests.support.faults.generation import generation_failover, stalled_stream
@@ -168,11 +168,8 @@ def write_markdown(records: list[FaultRecord], when: str, seconds: float, docs: 
     ]
     out = docs / "reliability.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = "\n".join(lines)
-    if out.exists():  # sections other benches write there (bench.hosts) are kept
-        text += "".join(other_sections(out.read_text(), text))
-    out.write_text(text)
-    return out
+    # sections other benches write there (bench.hosts) are kept
+    return write_keeping_others(out, "\n".join(lines))
 
 
 CONNECTIONS_TITLE = "## Connections and overload"
