@@ -64,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
         "among the nodes, at least 1)",
     )
     serve.add_argument(
+        "--node-alone-threads",
+        type=int,
+        default=-1,
+        help="each local node's alone_intra_op_threads: the threads of the second set of "
+        "sessions that runs a span's steps holding every open sequence (default -1: the cores, "
+        "where --node-threads 0 shared them out among several nodes; 0: none)",
+    )
+    serve.add_argument(
         "--node-config",
         type=Path,
         help="TOML file with NodeConfig keys for the local nodes (what serve sets for them wins: "
@@ -127,7 +135,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    skip = ("command", "config", "nodes", "node_config", "in_process_node", "node_threads")
+    skip = (
+        "command",
+        "config",
+        "nodes",
+        "node_config",
+        "in_process_node",
+        "node_threads",
+        "node_alone_threads",
+    )
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         if args.command == "serve":
@@ -142,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.node_config,
                     args.in_process_node,
                     args.node_threads,
+                    args.node_alone_threads,
                 )
             )
         if args.command == "coordinator":
@@ -181,6 +198,7 @@ async def _serve(
     node_config: Path | None = None,
     in_process_node: bool = False,
     node_threads: int = 0,
+    node_alone_threads: int = -1,
 ) -> int:
     """The demo (or the repository's models) on a coordinator and ``nodes`` local nodes."""
     from dataclasses import replace
@@ -191,6 +209,9 @@ async def _serve(
     if node_threads < 0:
         raise ConfigError(f"--node-threads must be 0 (the cores shared out) or more, got "
                           f"{node_threads}")  # fmt: skip
+    if node_alone_threads < -1:
+        raise ConfigError(f"--node-alone-threads must be -1 (the cores, where they are shared "
+                          f"out), 0 (none) or more, got {node_alone_threads}")  # fmt: skip
     if node_config is not None:  # its errors now, not from every node once the demos are built
         load_config(NodeConfig, node_config, {}, {"port": NODE_PORT})
     if config.model_repo:
@@ -208,7 +229,8 @@ async def _serve(
     work = Path(config.state_dir or repo / ".serve")
     ring = LocalRing(nodes, config.stages, config.replicas, models,
                      node_config=str(node_config.resolve()) if node_config else None,
-                     in_process_node=in_process_node, node_threads=node_threads)  # fmt: skip
+                     in_process_node=in_process_node, node_threads=node_threads,
+                     alone_threads=node_alone_threads)  # fmt: skip
     return await run_local_ring(config, ring, work)
 
 

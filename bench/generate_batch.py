@@ -41,6 +41,8 @@ greedily for exactly ``--new-tokens`` tokens, EOS ignored:
       1``), the design before cohorts;
   (S3-t2) (S3) with ``--node-threads 2``: each node's runs on 2 onnxruntime threads, not the
       cores divided among the 3 nodes;
+  (S3-no-alone) (S3) with ``--node-alone-threads 0``: no alone sessions, every step on the
+      node's 1 thread, the design before them;
   (S1-int4) the same as (S1) with the int4 package (MatMulNBits weights, block 32);
   (L-int4) (L) on that int4 package: S1-int4's own limit (``int4_ratio_to_int4_limit``).
 
@@ -125,7 +127,7 @@ class Limit:
         device: Device = "cpu",
         io_binding: IoBinding = "auto",
     ) -> None:
-        from runtime.decoder import load_decoder_span
+        from runtime.decoder_load import load_decoder_span
         from runtime.package import open_package
         from runtime.session import SessionSettings
 
@@ -279,7 +281,7 @@ async def prefix_ttft(
 
 
 SIDES = ("L", "L-iob", "L-no-iob", "L0", "O", "P", "C", "S1", "S1-1by1", "S1-no-ahead", "S1-1p",
-         "S3", "S3-1p", "S3-1c", "S3-t2", "S1-int4", "L-int4")  # fmt: skip
+         "S3", "S3-1p", "S3-1c", "S3-t2", "S3-no-alone", "S1-int4", "L-int4")  # fmt: skip
 
 
 def node_config(work: Path, name: str, toml: str) -> tuple[str, ...]:
@@ -338,6 +340,9 @@ def make_sides(
         ("S3-t2", "serve-3span-2threads",
          lambda: Serve(repo, 3, args.work, runner, extra=("--node-threads", "2"),
                        variant="2threads")),
+        ("S3-no-alone", "serve-3span-no-alone",
+         lambda: Serve(repo, 3, args.work, runner, extra=("--node-alone-threads", "0"),
+                       variant="no-alone")),
         ("S1-int4", "serve-1span-int4",
          lambda: Serve(ensure_package(args.work, "int4", say), 1, args.work, runner, "int4")),
         ("L-int4", "limit-inproc-batched-int4",

@@ -46,6 +46,7 @@ LABELS = {
     ),
     "serve-3span-1cohort": ("S3-1c", "the same, one decode batch a step (before)", "fp32"),
     "serve-3span-2threads": ("S3-t2", "the same, 2 onnxruntime threads a node", "fp32"),
+    "serve-3span-no-alone": ("S3-no-alone", "the same, no alone sessions (before)", "fp32"),
     "serve-1span-int4": ("S1-int4", "appliance serve, 1 node (1 span)", "int4"),
     "limit-inproc-batched-int4": (
         "L-int4",

@@ -89,7 +89,7 @@ class ApplianceRunner:
     def __init__(self, repo: Path, spans: int, threads: int) -> None:
         from exporter.decoder_verify import DecoderChain
         from exporter.partition import default_grouping
-        from runtime.decoder import load_decoder_span
+        from runtime.decoder_load import load_decoder_span
         from runtime.package import open_package
         from runtime.sampling import SamplingParams
         from runtime.session import SessionSettings

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from exporter.decoder_verify import DecoderChain
-from runtime.decoder import DecoderSpan, SequenceKV, load_decoder_span
+from runtime.decoder import DecoderSpan, SequenceKV
+from runtime.decoder_load import load_decoder_span
 from runtime.package import PackageRef, open_package
 from runtime.session import SessionSettings
 

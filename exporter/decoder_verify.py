@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from exporter.errors import DecoderVerificationFailed, ExportError
-from runtime.decoder import DecoderSpan, SequenceKV, load_decoder_span
+from runtime.decoder import DecoderSpan, SequenceKV
+from runtime.decoder_load import load_decoder_span
 from runtime.package import PackageRef
 from runtime.session import SessionSettings
 

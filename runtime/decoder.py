@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from runtime.batch_kv import SequenceKV, attach_rows, gather_past
-from runtime.decoder_merge import can_merge, merge_segment_files
 from runtime.errors import (
     ContextOverflow,
     DecoderStepFailed,
@@ -37,8 +36,7 @@ from runtime.errors import (
     ShapeMismatch,
 )
 from runtime.manifest import GenerationInfo, KvLayout, SegmentInfo
-from runtime.package import PackageRef, verify_segment
-from runtime.session import ModelSession, SessionSettings, create_session
+from runtime.session import ModelSession
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,7 @@ INPUT_IDS = "input_ids"
 LOGITS = "logits"
 _KV_DTYPES = {"FP32": np.float32, "FP16": np.float16}
 
-__all__ = ["DecoderSpan", "SequenceKV", "load_decoder_span"]  # SequenceKV: its old home
+__all__ = ["DecoderSpan", "SequenceKV"]  # SequenceKV: its old home
 
 
 @dataclass(frozen=True)
@@ -113,6 +111,33 @@ class DecoderSpan:
         # steps whose KV stays a batch run through IO binding and keep the presents where the
         # session put them (GPU memory on CUDA): SessionSettings.decode_io_binding
         self.io_binding = self.device == "cuda"
+        # the same sessions with more threads, for the steps that run alone (use_alone_sessions)
+        self._alone_stages: list[_Stage] | None = None
+
+    def use_alone_sessions(self, sessions: list[ModelSession]) -> None:
+        """Give the span a second set of its sessions (the same graphs, more threads) that
+        ``step(..., alone=True)`` runs on; they must hold the same layers and names."""
+        stages = [_stage(s) for s in sessions]
+        shape = [(t.input_name, t.output_name, t.layers) for t in stages]
+        if shape != [(t.input_name, t.output_name, t.layers) for t in self._stages]:
+            raise ModelLoadError(
+                f"the alone sessions hold {shape}, the span's sessions "
+                f"{[(t.input_name, t.output_name, t.layers) for t in self._stages]}"
+            )
+        self._alone_stages = stages
+
+    @property
+    def has_alone_sessions(self) -> bool:
+        return self._alone_stages is not None
+
+    @property
+    def alone_sessions(self) -> list[ModelSession]:
+        return [stage.session for stage in self._alone_stages or []]
+
+    @property
+    def session_sets(self) -> int:
+        """Copies of the span's weights in memory: 2 with alone sessions."""
+        return 2 if self._alone_stages is not None else 1
 
     @property
     def session_count(self) -> int:
@@ -139,13 +164,18 @@ class DecoderSpan:
         return SequenceKV(keys, values, 0)
 
     def step(
-        self, kvs: list[SequenceKV], inputs: np.ndarray, new_tokens: list[int] | None = None
+        self,
+        kvs: list[SequenceKV],
+        inputs: np.ndarray,
+        new_tokens: list[int] | None = None,
+        alone: bool = False,
     ) -> np.ndarray:
         """One step for a batch: inputs are input_ids [B, T] (first span) or hidden [B, T, H];
         row i's real new tokens are its last new_tokens[i] (left padding; None = all T); each
         row's past (kvs[i].length tokens, which may differ between rows) is left-padded to the
         longest for the run; afterwards each kvs[i] holds its real tokens only. Returns hidden
-        [B, T, H] or, for the last span, logits [B, vocab]."""
+        [B, T, H] or, for the last span, logits [B, vocab]. ``alone``: on the alone sessions
+        where the span has them (the same results, more threads)."""
         inputs = self._check_inputs(inputs)
         batch, tokens = int(inputs.shape[0]), int(inputs.shape[1])
         counts = self._check_rows(kvs, batch, tokens, new_tokens)
@@ -178,7 +208,8 @@ class DecoderSpan:
         else:
             mask, positions = _padded_mask(lengths, counts, past_len, tokens)
         bound = whole and self.keep_batches and self.io_binding
-        out, presents = self._run(inputs, mask, positions, keys, values, bound)
+        stages = self._alone_stages if alone and self._alone_stages else self._stages
+        out, presents = self._run(stages, inputs, mask, positions, keys, values, bound)
         new_keys, new_values = presents
         if whole and self.keep_batches:
             attach_rows(kvs, new_keys, new_values, pads, [n + tokens for n in lengths],
@@ -198,6 +229,7 @@ class DecoderSpan:
 
     def _run(
         self,
+        stages: list[_Stage],
         x: np.ndarray,
         mask: np.ndarray,
         positions: np.ndarray,
@@ -210,7 +242,7 @@ class DecoderSpan:
         then be OrtValues of the last run too)."""
         new_keys: list[Any] = []
         new_values: list[Any] = []
-        for stage in self._stages:
+        for stage in stages:
             feeds: dict[str, Any] = {stage.input_name: x}
             feeds.update(attention_mask=mask, position_ids=positions)
             names = [stage.output_name]
@@ -348,56 +380,3 @@ def _stage(session: ModelSession) -> _Stage:
             "position_ids, past.l.key/value -> hidden.L' or logits, present.l.key/value"
         )
     return _Stage(session, main_in[0], main_out[0], layers)
-
-
-def load_decoder_span(
-    package: PackageRef,
-    settings: SessionSettings,
-    first: int,
-    last: int,
-    merge: bool = True,
-    verify: bool = True,
-) -> DecoderSpan:
-    """Load segments first..last (inclusive) of a generation package as one span.
-
-    With ``merge`` (the default) the segments become one session when their files fit in one
-    protobuf (<= 1.8 GB): one run per step instead of one per segment.
-    """
-    manifest = package.manifest
-    if manifest is None or not manifest.is_generation or manifest.generation is None:
-        kind = "a plain model.onnx" if manifest is None else f"kind {manifest.kind!r}"
-        raise ModelLoadError(
-            f"{package.name} v{package.version} is {kind}; a decoder span needs a generation "
-            "package (manifest format 2, kind 'generation')"
-        )
-    if not 0 <= first <= last < len(package.segments):
-        raise ModelLoadError(
-            f"span {first}..{last} is outside {package.name} v{package.version}'s "
-            f"{len(package.segments)} segment(s)"
-        )
-    segments = package.segments[first : last + 1]
-    if verify:
-        for index in range(first, last + 1):
-            verify_segment(package, index)
-    paths = [package.folder / s.file for s in segments]
-    mergeable = can_merge(
-        package.folder, [s.file for s in segments], [s.external_data for s in segments]
-    )
-    if merge and len(segments) > 1 and mergeable:
-        sessions = [create_session(merge_segment_files(paths), settings)]
-        sessions[0].source = f"{package.folder.name}: segments {first}..{last} merged"
-    else:
-        sessions = [create_session(p, settings) for p in paths]
-    span = DecoderSpan(sessions, segments, manifest.generation)
-    if settings.decode_io_binding != "auto":
-        span.io_binding = settings.decode_io_binding == "on"
-    log.info(
-        "loaded %s v%s decoder segments %d..%d as %d session(s), IO binding %s",
-        package.name,
-        package.version,
-        first,
-        last,
-        len(sessions),
-        "on" if span.io_binding else "off",
-    )
-    return span

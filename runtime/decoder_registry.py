@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime.decoder import load_decoder_span
 from runtime.decoder_admission import DecoderLimits
+from runtime.decoder_load import load_decoder_span
 from runtime.decoder_slots import DecoderSlot
 from runtime.errors import ModelLoadError, ModelNotFound
 from runtime.kv_budget import KvBudget, KvStats

@@ -396,6 +396,7 @@ class DecoderSlot:
             "ahead_runs": self.ahead_runs,
             "ahead_discarded": self.ahead_discarded,
             "decode_batches": dict(self.batcher.stats.decode_batches),
+            "alone_runs": self.batcher.stats.alone_runs,
             "prefix_hits": self.prefix_hits,
             "prefix_misses": self.prefix_misses,
             "prefix_cached_tokens": self.cached_tokens_served,

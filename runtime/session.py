@@ -71,6 +71,10 @@ class SessionSettings:
     # session's memory between steps: auto = where the session got CUDA (on CPU, numpy in and
     # out costs no copy anyway), on = also on CPU, off = never
     decode_io_binding: IoBinding = "auto"
+    # A CPU span holding part of a model: a second set of its sessions with this many threads
+    # runs the steps that hold every open sequence of the span (a chain of local nodes serving
+    # one cohort computes one span at a time, so the other nodes' cores are idle); 0 = none
+    alone_intra_op_threads: int = 0
 
 
 def conflicting_onnxruntime_installs() -> list[str]:

@@ -76,6 +76,7 @@ class BatchStats:
     prefill_chunks: int = 0
     prefill_tokens: int = 0  # tokens run in steps of several tokens (prompts)
     decode_tokens: int = 0  # tokens run one per step (generated tokens fed back)
+    alone_runs: int = 0  # runs (decode batches and prompt chunks) on the alone sessions
 
 
 class StepBatcher:
@@ -238,9 +239,10 @@ class StepBatcher:
         rows = len(batch)
         self.stats.decode_batches[rows] = self.stats.decode_batches.get(rows, 0) + 1
         self.stats.decode_tokens += rows
+        alone = self._alone(rows, others_wait=bool(self._prefill))
         started = loop.time()
         try:
-            results = await loop.run_in_executor(self.executor, self._decode_run, batch)
+            results = await loop.run_in_executor(self.executor, self._decode_run, batch, alone)
         except BaseException as exc:
             for work in batch:
                 _fail(work, exc)
@@ -252,9 +254,18 @@ class StepBatcher:
             if not work.future.done():
                 work.future.set_result(result)
 
-    def _decode_run(self, batch: list[_Work]) -> list[Any]:
+    def _alone(self, rows: int, others_wait: bool) -> bool:
+        """Whether a run of ``rows`` may take the span's alone sessions (more threads): it
+        holds every open sequence, so no other span of this chain has work from this one
+        meanwhile (the chain's spans run one cohort one after another). Decided on the loop,
+        where the queues and the open count are current; counted in the stats."""
+        alone = self.span.has_alone_sessions and not others_wait and rows >= self.active()
+        self.stats.alone_runs += alone
+        return alone
+
+    def _decode_run(self, batch: list[_Work], alone: bool = False) -> list[Any]:
         inputs = np.concatenate([w.inputs for w in batch], axis=0)
-        out = self.span.step([w.kv for w in batch], inputs)
+        out = self.span.step([w.kv for w in batch], inputs, alone=alone)
         return [w.finish(out[row : row + 1]) for row, w in enumerate(batch)]
 
     async def _run_chunk(self, loop: asyncio.AbstractEventLoop, work: _Work) -> int:
@@ -264,8 +275,9 @@ class StepBatcher:
         tokens = end - work.done
         self.stats.prefill_chunks += 1
         self.stats.prefill_tokens += tokens
+        alone = self._alone(1, others_wait=bool(self._decode or self._prefill))
         try:
-            result = await loop.run_in_executor(self.executor, self._chunk_run, work, end)
+            result = await loop.run_in_executor(self.executor, self._chunk_run, work, end, alone)
         except BaseException as exc:
             _fail(work, exc)
             if isinstance(exc, asyncio.CancelledError):
@@ -277,8 +289,8 @@ class StepBatcher:
             work.future.set_result(result)
         return tokens
 
-    def _chunk_run(self, work: _Work, end: int) -> Any:
-        out = self.span.step([work.kv], work.inputs[:, work.done : end])
+    def _chunk_run(self, work: _Work, end: int, alone: bool = False) -> Any:
+        out = self.span.step([work.kv], work.inputs[:, work.done : end], alone=alone)
         work.done = end
         if end < work.tokens:
             if not self.span.is_last:

@@ -163,6 +163,17 @@ class NodeConfig(ServerConfig):
             "sessions got CUDA, on = also on CPU, off = never"
         },
     )
+    alone_intra_op_threads: int = field(
+        default=0,
+        metadata={
+            "help": "generation, CPU: a span holding part of a model also loads its sessions "
+            "with this many threads, and runs on them the steps that hold every open sequence "
+            "of the span (a chain serving one stream computes one span at a time, so nodes "
+            "that share a machine's cores leave them idle); costs a second copy of the span's "
+            "weights, taken from the KV budget. 0: none (appliance serve sets the usable cores "
+            "when it shares them out among its nodes)"
+        },
+    )
     prefix_block_tokens: int = field(
         default=32,
         metadata={
@@ -193,6 +204,7 @@ class NodeConfig(ServerConfig):
             allow_spinning=self.allow_spinning,
             concurrent_runs=self.runs_in_flight,
             decode_io_binding=self.decode_io_binding,
+            alone_intra_op_threads=self.alone_intra_op_threads,
         )
 
     def batch_settings(self) -> BatchSettings:
@@ -215,7 +227,7 @@ class NodeConfig(ServerConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("inter_op_threads", "max_queue_delay_us"):
+        for name in ("inter_op_threads", "max_queue_delay_us", "alone_intra_op_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.intra_op_threads < -1:

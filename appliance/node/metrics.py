@@ -128,6 +128,11 @@ class _DecoderCollector(Collector):
                 ("prefix_cached_tokens", "prefix_cached_tokens", "prompt tokens served cached"),
                 ("ahead_runs", "decode_ahead_steps", "decode steps run before they were asked"),
                 (
+                    "alone_runs",
+                    "alone_session_runs",
+                    "runs holding every open sequence, on the sessions with more threads",
+                ),
+                (
                     "ahead_discarded",
                     "decode_ahead_discarded",
                     "steps run ahead and not used (the sequence stopped, or another step came)",

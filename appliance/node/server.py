@@ -275,7 +275,9 @@ def _kv_capacity(
         budget = resources.budget
         held = [sum(s.bytes for s in m.package.segments[m.span[0] : m.span[1] + 1])
                 for m in registry.loaded()]  # fmt: skip
-        held += [sum(s.bytes for s in d.package.segments[d.first : d.last + 1]) for d in slots]
+        # a span with alone sessions holds its weights twice (runtime/decoder_load.py)
+        held += [sum(s.bytes for s in d.package.segments[d.first : d.last + 1])
+                 for d in slots for _ in range(d.span.session_sets)]  # fmt: skip
         return budget - sum(span_need(b) for b in held)
 
     return capacity

@@ -25,7 +25,7 @@ from exporter.generation_export import (
     format_generation_report,
 )
 from exporter.llm_source import SMOLLM2_INSTALL, load_causal_lm, smollm2_gguf
-from runtime.decoder import load_decoder_span
+from runtime.decoder_load import load_decoder_span
 from runtime.manifest import read_manifest
 from runtime.package import open_package
 from runtime.session import SessionSettings

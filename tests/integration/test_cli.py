@@ -160,6 +160,10 @@ def test_bad_config_exits_2_with_the_reason(tmp_path: Path) -> None:
     assert result.returncode == 2 and "unknown key(s) max_batch_sise" in result.stderr
     result = run_cli("serve", "--node-threads", "-1", "--port", "0")
     assert result.returncode == 2 and "--node-threads must be 0" in result.stderr, result.stderr
+    result = run_cli("serve", "--node-alone-threads", "-2", "--port", "0")
+    assert result.returncode == 2 and "--node-alone-threads must be -1" in result.stderr, (
+        result.stderr
+    )
     result = subprocess.run(
         [sys.executable, "-m", "appliance.cli", "node"], capture_output=True, text=True, timeout=60
     )

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from exporter.decoder_verify import DecoderChain, greedy, load_prompts
-from runtime.decoder import load_decoder_span
+from runtime.decoder_load import load_decoder_span
 from runtime.package import open_package
 from runtime.session import SessionSettings
 from runtime.text import PackageText
@@ -122,3 +122,35 @@ def test_paris_streamed_equals_whole_and_a_seeded_run_repeats(client: openai.Ope
     )  # fmt: skip
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == sampled[0][: sampled[0].index(sampled[0][5:8])]
+
+
+def test_one_stream_on_three_local_nodes_runs_on_their_alone_sessions(
+    served: str, client: openai.OpenAI
+) -> None:
+    """serve shares 2 cores among 3 nodes (1 thread each) and gives each node alone sessions
+    with the cores: a lone stream's steps, which hold every open sequence, run on them."""
+    import json
+    import urllib.request
+
+    def alone_runs() -> list[float]:
+        with urllib.request.urlopen(served + "/v2/cluster", timeout=10) as response:
+            nodes = json.loads(response.read())["nodes"]
+        counts = []
+        for node in nodes:
+            with urllib.request.urlopen(node["address"] + "/metrics", timeout=10) as response:
+                text = response.read().decode()
+            found = re.findall(r"^appliance_alone_session_runs_total\{[^}]*\} (\S+)$", text, re.M)
+            counts.append(sum(float(x) for x in found))
+        return counts
+
+    before = alone_runs()
+    assert len(before) == 3
+    client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=8,
+                              temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    after = alone_runs()
+    # each node: the prompt's chunk and 7 or 8 decode steps (the first token comes from the
+    # prompt's run); on one core each node has it already (no alone sessions)
+    if (os.cpu_count() or 1) < 2:
+        assert after == before
+    else:
+        assert all(a - b >= 8 for a, b in zip(after, before, strict=True)), (before, after)

@@ -11,7 +11,8 @@ import onnxruntime as ort
 import pytest
 
 from runtime import batch_kv
-from runtime.decoder import DecoderSpan, SequenceKV, load_decoder_span
+from runtime.decoder import DecoderSpan, SequenceKV
+from runtime.decoder_load import load_decoder_span
 from runtime.package import open_package
 from runtime.session import CUDA, SessionSettings
 from runtime.step_batcher import truncate

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from exporter.decoder_verify import DecoderChain
-from runtime.decoder import DecoderSpan, SequenceKV, load_decoder_span
+from runtime.decoder import DecoderSpan, SequenceKV
+from runtime.decoder_load import load_decoder_span
 from runtime.errors import (
     ContextOverflow,
     InputMismatch,

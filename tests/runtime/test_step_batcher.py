@@ -262,7 +262,7 @@ async def test_chance_cohorts_on_a_span_holding_part_of_a_model_merge_into_two()
     as two cohorts of 2, which stay apart (the other spans' time between steps: 10 ms)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from runtime.decoder import load_decoder_span
+    from runtime.decoder_load import load_decoder_span
     from runtime.package import open_package
     from runtime.step_batcher import StepBatcher
 
@@ -308,7 +308,7 @@ async def test_two_halves_of_the_streams_merge_into_one_batch() -> None:
     runs; the batch waits for the rows of the last two runs, so the halves merge."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from runtime.decoder import load_decoder_span
+    from runtime.decoder_load import load_decoder_span
     from runtime.package import open_package
     from runtime.step_batcher import StepBatcher
 
@@ -344,7 +344,7 @@ async def decode_runs_while_prompts_start(turn_tokens: int) -> tuple[int, int]:
     the first prompt's first token and the last's, and the most decode runs seen in a row."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from runtime.decoder import load_decoder_span
+    from runtime.decoder_load import load_decoder_span
     from runtime.package import open_package
     from runtime.step_batcher import StepBatcher
 

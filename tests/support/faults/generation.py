@@ -22,7 +22,7 @@ import numpy as np
 import openai
 
 from exporter.decoder_verify import DecoderChain, teacher_force
-from runtime.decoder import load_decoder_span
+from runtime.decoder_load import load_decoder_span
 from runtime.package import open_package
 from runtime.session import SessionSettings
 from runtime.text import PackageText
