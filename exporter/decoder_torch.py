@@ -123,12 +123,8 @@ class DecoderSegment(nn.Module):
         query = _apply_rotary(query, cos, sin)
         key = torch.cat((past_key, _apply_rotary(key, cos, sin)), dim=2)
         value = torch.cat((past_value, value), dim=2)
-        keys = _repeat_kv(key, self.groups)
-        values = _repeat_kv(value, self.groups)
-        scores = torch.matmul(query, keys.transpose(2, 3)) * attn.scaling + mask
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, values).transpose(1, 2).reshape(*normed.shape[:-1], -1)
-        hidden = residual + attn.o_proj(out)
+        out = grouped_attention(query, key, value, mask, attn.scaling)
+        hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(*normed.shape[:-1], -1))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden, key, value
 
@@ -142,15 +138,26 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return x
-    batch, heads, length, dim = x.shape
-    return (
-        x[:, :, None]
-        .expand(batch, heads, groups, length, dim)
-        .reshape(batch, heads * groups, length, dim)
-    )
+def grouped_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of ``query`` [B, Hq, T, D] over ``key``/``value`` [B, Hkv, S, D] (grouped
+    query attention: query head h reads KV head h // (Hq / Hkv)), as [B, Hq, T, D].
+
+    The query heads of one KV head become rows of one matmul against that head's keys, so the
+    KV is never repeated Hq / Hkv times (an Expand and a copy of every layer's whole KV at
+    every step): on SmolLM2 (9 query heads, 3 KV heads, CPU) decode steps of 1 / 4 / 16 / 32
+    rows ran 1.04 / 1.04 / 1.15 / 1.23x faster than with the repeat (bench/package_ab.py).
+    """
+    batch, heads, tokens, dim = query.shape
+    kv_heads, total = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    # head h = kv * groups + g, as repeating each KV head ``groups`` times would order them
+    grouped = query.reshape(batch, kv_heads, groups * tokens, dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)) * scale
+    scores = scores.reshape(batch, kv_heads, groups, tokens, total) + mask[:, :, None]
+    probs = torch.softmax(scores, dim=-1).reshape(batch, kv_heads, groups * tokens, total)
+    return torch.matmul(probs, value).reshape(batch, heads, tokens, dim)
 
 
 def _additive_mask(attention_mask: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:

@@ -212,3 +212,20 @@ def test_smollm2_exports_verifies_and_answers_paris() -> None:
     spans = [load_decoder_span(package, SETTINGS, a, b) for a, b in manifest.default_stages]
     answer = tokenizer.decode(greedy(DecoderChain(spans), ids, 16, info.eos_token_ids))
     assert "Paris" in answer, answer
+
+
+def test_exported_attention_never_repeats_the_kv(
+    exported: tuple[GenerationExportResult, str],
+) -> None:
+    """Grouped-query attention reads each KV head once (exporter/decoder_torch.py): no graph
+    expands the KV to the query heads (SmolLM2's 16-row decode step: 1.15x without)."""
+    import onnx
+
+    result, _ = exported
+    assert result.folder is not None
+    manifest = read_manifest(result.folder)
+    for segment in manifest.segments:
+        graph = onnx.load(str(result.folder / segment.file), load_external_data=False).graph
+        ops = [node.op_type for node in graph.node]
+        assert "Expand" not in ops, segment.file
+        assert ops.count("Softmax") == 1, segment.file  # one layer a segment, one attention
