@@ -66,7 +66,15 @@ def streams_at_once(
     with launching():
         for thread in threads:
             thread.start()
-    started.wait()
+    try:
+        started.wait()
+    except threading.BrokenBarrierError:
+        # a stream ended before its first token: say which and why, not just that it broke
+        for thread in threads:
+            thread.join(timeout=timeout_s)
+        failed = [(s.prompt[:40], s.error or f"{len(s.ids)} token(s)") for s in streams
+                  if not s.ids or s.error]  # fmt: skip
+        raise AssertionError(f"a stream ended before its first token: {failed}") from None
     if fault is not None:
         fault()
     for thread in threads:
