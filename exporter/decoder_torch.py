@@ -70,7 +70,6 @@ class DecoderSegment(nn.Module):
         self.head_dim = int(
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
-        self.groups = config.num_attention_heads // config.num_key_value_heads
 
     def forward(
         self,
